@@ -1,0 +1,34 @@
+# Two entry points, each sets itself up first, in either order:
+#   make demo   the main job        make test   the whole test suite (fast + slow tiers)
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# On a machine without an NVIDIA GPU, take the CPU build of torch from local disk first;
+# otherwise the package's torch range lets pip choose the (CUDA) build.
+TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo torch==2.13.0)
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(if $(TORCH),$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH))
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,plots]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/raygpt prepare --config jobs/pretrain.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(VENV)/bin/raygpt bench prepare
+
+clean:
+	rm -rf $(VENV) data runs *.egg-info

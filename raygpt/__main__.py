@@ -1,0 +1,5 @@
+import sys
+
+from raygpt.cli import main
+
+sys.exit(main())

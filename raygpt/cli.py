@@ -1,0 +1,87 @@
+"""The `raygpt` command. Each subcommand parses its options and calls one library function;
+bad input (`UserError`) becomes one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from raygpt.errors import UserError
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="tokenize text into GPT-2 token shards")
+    p.add_argument("inputs", nargs="*", help=".txt / .jsonl / .parquet files, folders or globs")
+    p.add_argument("--source", choices=["stdlib"], help="a built-in corpus: this Python's standard library sources")
+    p.add_argument("--config", help="a raygpt YAML config: its data.dir and model.context_len become defaults")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--out", help="output folder (default: the config's data.dir, else data/stdlib)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of documents for val (default 0.1)")
+    p.add_argument("--context-len", type=int, help="check the corpus holds one window (default: config or 1024)")
+    p.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard file (default 32Mi)")
+    p.add_argument("--threads", type=int, default=None, help="tokenizer threads (default: all cores)")
+    p.add_argument("--force", action="store_true", help="rebuild even when the output is up to date")
+    p.set_defaults(func=_run_prepare)
+
+
+def _run_prepare(args: argparse.Namespace) -> None:
+    from raygpt.config import load_config
+    from raygpt.data import DEFAULT_SHARD_TOKENS, prepare
+
+    out, context_len = args.out, args.context_len
+    if args.config or args.overrides:
+        cfg = load_config(args.config, args.overrides)
+        out = out or cfg.data.dir
+        context_len = context_len or cfg.model.context_len
+    if not args.inputs and not args.source:
+        if args.config:
+            args.source = "stdlib"  # the config's corpus is the default one unless inputs are given
+        else:
+            raise UserError("nothing to prepare: give input paths/globs or --source stdlib")
+    if args.inputs and not out:
+        raise UserError("--out is required with input paths (e.g. --out data/mycorpus)")
+    prepare(
+        args.inputs, out or "data/stdlib", source=args.source, val_fraction=args.val_fraction,
+        context_len=context_len or 1024, shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS,
+        threads=args.threads, force=args.force,
+    )
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks that print figures")
+    what = p.add_subparsers(dest="what", required=True)
+    bp = what.add_parser("prepare", help="prepare's tokens/s vs a single-threaded encode loop")
+    bp.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each side (default 2)")
+    bp.add_argument("--threads", type=int, default=None, help="tokenizer threads (default: all cores)")
+    bp.set_defaults(func=_run_bench_prepare)
+
+
+def _run_bench_prepare(args: argparse.Namespace) -> None:
+    from raygpt.bench import bench_prepare
+
+    bench_prepare(repeats=args.repeats, threads=args.threads)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raygpt", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_prepare(sub)
+    _add_bench(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as exc:
+        print(f"raygpt: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("raygpt: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

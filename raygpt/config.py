@@ -1,0 +1,269 @@
+"""One config object: a dataclass tree loaded from YAML, overridable with `--set section.key=value`.
+
+Loading goes raw YAML -> `--set` overrides -> unknown-key check -> model preset -> typed
+dataclasses -> cross-field validation. Every problem is a `UserError` with one line naming the
+bad key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raygpt.errors import UserError
+from raygpt.model import PRESETS, GPTConfig
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class ModelConfig(GPTConfig):
+    # A name from raygpt.model.PRESETS; keys set beside it override the preset's values.
+    preset: str | None = None
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/stdlib"  # a folder written by `raygpt prepare`
+    stride: int | None = None  # window stride; None means context_len (non-overlapping, as the seed)
+
+
+@dataclass
+class OptimConfig:
+    # Defaults are the seed's: AdamW(weight_decay=0.1), warmup from initial_lr to peak_lr, cosine to min_lr.
+    peak_lr: float = 0.01
+    initial_lr: float = 0.0001
+    min_lr: float = 1e-6
+    warmup_steps: int = 15
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    max_norm: float = 1.0
+    clip_during_warmup: bool = False  # the seed clips only once warmup is over
+    decay_matrices_only: bool = False  # the seed decays every parameter
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 2  # global sequences per optimizer step
+    num_epochs: int = 15
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    grad_accum_steps: int = 1
+    eval_freq: int = 5
+    eval_iter: int = 1
+    save_freq: int = 50
+    seed: int = 123
+    start_context: str = "Every effort moves you"
+
+
+@dataclass
+class RunConfig:
+    name: str | None = None  # None: a unique name per run
+    storage_path: str = "runs"  # shared checkpoint storage: a folder or a pyarrow URI (s3://, gs://)
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0
+    num_to_keep: int = 2
+
+
+@dataclass
+class Config:
+    schema_version: int = SCHEMA_VERSION
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# section name -> its dataclass, e.g. "model" -> ModelConfig
+SECTIONS: dict[str, type] = {
+    name: hint for name, hint in typing.get_type_hints(Config).items() if name != "schema_version"
+}
+
+
+def _valid_keys(section: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(SECTIONS[section])]
+
+
+@dataclass
+class _Override:
+    """A `--set` value: its text, read as YAML for typed keys and kept verbatim for strings
+    (so `--set train.start_context=a: b` is the text, not a mapping)."""
+
+    text: str
+
+    def resolve(self, hint: Any) -> Any:
+        try:
+            parsed = yaml.safe_load(self.text) if self.text.strip() else self.text
+        except yaml.YAMLError:
+            parsed = self.text
+        wants_str = hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                                    and str in typing.get_args(hint))
+        if wants_str and parsed is not None:
+            return self.text
+        return parsed
+
+
+def _parse_override(item: str) -> tuple[str, str, _Override]:
+    key, sep, value = item.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not name:
+        raise UserError(f"--set {item!r}: expected section.key=value, e.g. --set train.batch_size=8")
+    return section, name, _Override(value)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings to a raw config dict (values typed when the section is built)."""
+    for item in overrides:
+        section, name, value = _parse_override(item)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise UserError(f"config section {section!r} must be a mapping, got {raw[section]!r}")
+        raw[section][name] = value
+    return raw
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against a type hint; allow int for float and the YAML-1.1 '1e-4' string."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except UserError:
+                pass
+        raise UserError(f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+    if origin is list:
+        (item_hint,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise UserError(f"{key}: expected a list of {_type_name(item_hint)}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_hint) for i, v in enumerate(value)]
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # PyYAML reads 1e-4 (no dot) as a string
+            except ValueError:
+                pass
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, hint):
+        return value
+    raise UserError(f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _build_section(name: str, raw: Any) -> Any:
+    cls = SECTIONS[name]
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"config section {name!r} must be a mapping of keys, got {raw!r}")
+    valid = _valid_keys(name)
+    for key in raw:
+        if key not in valid:
+            raise UserError(f"unknown config key '{name}.{key}'; valid keys in {name}: {', '.join(valid)}")
+    preset = raw.get("preset")
+    if isinstance(preset, _Override):
+        preset = preset.resolve(str | None)
+    if name == "model" and preset is not None:
+        if preset not in PRESETS:
+            raise UserError(f"model.preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        raw = {**PRESETS[preset], **raw}
+    hints = typing.get_type_hints(cls)
+    raw = {k: v.resolve(hints[k]) if isinstance(v, _Override) else v for k, v in raw.items()}
+    return cls(**{key: _coerce(f"{name}.{key}", value, hints[key]) for key, value in raw.items()})
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Typed, validated Config from a raw dict (as read from YAML)."""
+    if not isinstance(raw, dict):
+        raise UserError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    version = raw.get("schema_version", SCHEMA_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= SCHEMA_VERSION:
+        raise UserError(f"schema_version: this raygpt reads config schema 1..{SCHEMA_VERSION}, got {version!r}")
+    for key in raw:
+        if key != "schema_version" and key not in SECTIONS:
+            raise UserError(f"unknown config section {key!r}; valid: schema_version, {', '.join(SECTIONS)}")
+    cfg = Config(schema_version=version, **{name: _build_section(name, raw.get(name)) for name in SECTIONS})
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config file (or start from defaults when `path` is None) and apply overrides."""
+    raw: Any = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or "cannot parse"
+            raise UserError(f"config file {path} is not valid YAML{where}: {problem}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    return config_from_dict(apply_overrides(raw, list(overrides)))
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field and range checks; the first problem found raises a one-line UserError."""
+    m, d, o, t, r = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.run
+    positive = {
+        "model.embedding_dim": m.embedding_dim, "model.num_layers": m.num_layers,
+        "model.num_heads": m.num_heads, "model.context_len": m.context_len,
+        "model.vocabulary_size": m.vocabulary_size, "train.batch_size": t.batch_size,
+        "train.num_epochs": t.num_epochs, "train.max_steps": t.max_steps,
+        "train.max_tokens": t.max_tokens, "train.grad_accum_steps": t.grad_accum_steps,
+        "train.eval_freq": t.eval_freq, "train.eval_iter": t.eval_iter,
+        "train.save_freq": t.save_freq, "run.num_workers": r.num_workers,
+        "run.cpus_per_worker": r.cpus_per_worker, "run.num_to_keep": r.num_to_keep,
+        "optim.peak_lr": o.peak_lr, "optim.max_norm": o.max_norm, "optim.eps": o.eps,
+    }
+    for key, value in positive.items():
+        if value is not None and value <= 0:
+            raise UserError(f"{key} must be > 0, got {value}")
+    if d.stride is not None and d.stride <= 0:
+        raise UserError(f"data.stride must be > 0 (or null for context_len), got {d.stride}")
+    if m.embedding_dim % m.num_heads:
+        raise UserError(
+            f"model.embedding_dim ({m.embedding_dim}) must be divisible by model.num_heads ({m.num_heads})"
+        )
+    if not 0.0 <= m.dropout < 1.0:
+        raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    for key, value in {"optim.initial_lr": o.initial_lr, "optim.min_lr": o.min_lr,
+                       "optim.warmup_steps": o.warmup_steps, "optim.weight_decay": o.weight_decay,
+                       "run.max_failures": r.max_failures}.items():
+        if value < 0:
+            raise UserError(f"{key} must be >= 0, got {value}")
+    if o.min_lr > o.peak_lr:
+        raise UserError(f"optim.min_lr ({o.min_lr}) must be <= optim.peak_lr ({o.peak_lr})")
+    if o.initial_lr > o.peak_lr:
+        raise UserError(f"optim.initial_lr ({o.initial_lr}) must be <= optim.peak_lr ({o.peak_lr})")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise UserError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")

@@ -1,0 +1,190 @@
+"""The GPT model: plain PyTorch, no framework glue (no Ray import here).
+
+Parameter names follow the seed (`tok_emb`, `pos_emb`, `trf_blocks`, `final_norm`, `out_head`);
+attention projects q, k and v with one fused matmul and runs through
+`scaled_dot_product_attention` (flash / memory-efficient kernels where the device has them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Architecture presets. gpt2-* are the four GPT-2 sizes; `tiny` trains in minutes on 2 CPU cores.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(embedding_dim=128, num_layers=4, num_heads=4, context_len=128),
+    "gpt2-small": dict(embedding_dim=768, num_layers=12, num_heads=12, context_len=1024),
+    "gpt2-medium": dict(embedding_dim=1024, num_layers=24, num_heads=16, context_len=1024),
+    "gpt2-large": dict(embedding_dim=1280, num_layers=36, num_heads=20, context_len=1024),
+    "gpt2-xl": dict(embedding_dim=1600, num_layers=48, num_heads=25, context_len=1024),
+}
+
+
+@dataclass
+class GPTConfig:
+    """The seed's model parameters, plus weight tying (off by default, as in the seed)."""
+
+    embedding_dim: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    context_len: int = 1024
+    vocabulary_size: int = 50257
+    dropout: float = 0.1
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        if cfg.embedding_dim % cfg.num_heads:
+            raise ValueError(
+                f"embedding_dim {cfg.embedding_dim} is not divisible by num_heads {cfg.num_heads}"
+            )
+        self.num_heads = cfg.num_heads
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.embedding_dim, 3 * cfg.embedding_dim, bias=cfg.qkv_bias)
+        self.out_proj = nn.Linear(cfg.embedding_dim, cfg.embedding_dim)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=2)
+        # (b, t, d) -> (b, heads, t, head_dim)
+        q, k, v = (z.view(b, t, self.num_heads, d // self.num_heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )
+        y = y.transpose(1, 2).contiguous().view(b, t, d)
+        return self.resid_dropout(self.out_proj(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.embedding_dim, 4 * cfg.embedding_dim)
+        self.proj = nn.Linear(4 * cfg.embedding_dim, cfg.embedding_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # tanh approximation: the GELU GPT-2 (and the seed) uses.
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: x + attn(ln(x)), then x + ff(ln(x))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.embedding_dim)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.embedding_dim)
+        self.ff = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.ff(self.norm2(x))
+
+
+class GPTModel(nn.Module):
+    def __init__(
+        self,
+        embedding_dim: int = 768,
+        num_layers: int = 12,
+        num_heads: int = 12,
+        context_len: int = 1024,
+        vocabulary_size: int = 50257,
+        dropout: float = 0.1,
+        qkv_bias: bool = False,
+        tie_embeddings: bool = False,
+    ):
+        super().__init__()
+        cfg = GPTConfig(
+            embedding_dim, num_layers, num_heads, context_len, vocabulary_size, dropout, qkv_bias,
+            tie_embeddings,
+        )
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(vocabulary_size, embedding_dim)
+        self.pos_emb = nn.Embedding(context_len, embedding_dim)
+        self.drop_emb = nn.Dropout(dropout)
+        self.trf_blocks = nn.Sequential(*(TransformerBlock(cfg) for _ in range(num_layers)))
+        self.final_norm = nn.LayerNorm(embedding_dim)
+        self.out_head = nn.Linear(embedding_dim, vocabulary_size, bias=False)
+        if tie_embeddings:
+            self.out_head.weight = self.tok_emb.weight
+        self._init_weights(num_layers)
+
+    @classmethod
+    def from_config(cls, cfg: GPTConfig) -> "GPTModel":
+        # Accepts any object with GPTConfig's fields (the config file's model section has more).
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(GPTConfig)})
+
+    def _init_weights(self, num_layers: int) -> None:
+        # GPT-2: N(0, 0.02) everywhere, zero biases, and the projections that write into the
+        # residual stream scaled by 1/sqrt(2 * num_layers) so its variance does not grow with depth.
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        resid_std = 0.02 / math.sqrt(2 * num_layers)
+        for block in self.trf_blocks:
+            nn.init.normal_(block.attn.out_proj.weight, mean=0.0, std=resid_std)
+            nn.init.normal_(block.ff.proj.weight, mean=0.0, std=resid_std)
+
+    def num_parameters(self) -> int:
+        """Parameters counted once each (a tied head shares the token embedding)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (batch, seq) -> logits (batch, seq, vocabulary_size)."""
+        t = idx.shape[1]
+        if t > self.cfg.context_len:
+            raise ValueError(f"sequence length {t} exceeds context_len {self.cfg.context_len}")
+        pos = torch.arange(t, device=idx.device)
+        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))
+        x = self.trf_blocks(x)
+        return self.out_head(self.final_norm(x))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        eos_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Append up to `max_new_tokens` to `idx` (batch, seq).
+
+        temperature 0 is greedy decoding; otherwise sample from softmax(logits / temperature),
+        restricted to the `top_k` most likely tokens when given. Generation stops early once
+        every row has produced `eos_id`. Pass a seeded `generator` (or seed torch) to make
+        sampling reproducible.
+        """
+        was_training = self.training
+        self.eval()
+        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            logits = self(idx[:, -self.cfg.context_len:])[:, -1, :]
+            if temperature > 0.0:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = torch.softmax(logits.float(), dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=generator)
+            else:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            idx = torch.cat([idx, next_id], dim=1)
+            if eos_id is not None:
+                finished |= next_id.squeeze(1) == eos_id
+                if bool(finished.all()):
+                    break
+        self.train(was_training)
+        return idx

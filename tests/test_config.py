@@ -1,0 +1,114 @@
+from pathlib import Path
+
+import pytest
+
+from raygpt.config import SCHEMA_VERSION, Config, load_config
+from raygpt.errors import UserError
+
+JOBS = Path(__file__).resolve().parent.parent / "jobs"
+
+
+def test_defaults_are_the_seed_recipe():
+    cfg = load_config()
+    assert (cfg.model.embedding_dim, cfg.model.num_layers, cfg.model.num_heads) == (768, 12, 12)
+    assert (cfg.model.context_len, cfg.model.vocabulary_size, cfg.model.qkv_bias) == (1024, 50257, False)
+    assert cfg.model.tie_embeddings is False
+    assert (cfg.optim.initial_lr, cfg.optim.peak_lr, cfg.optim.warmup_steps) == (0.0001, 0.01, 15)
+    assert cfg.optim.weight_decay == 0.1 and cfg.optim.max_norm == 1.0
+    assert cfg.schema_version == SCHEMA_VERSION
+
+
+def test_default_job_config_loads():
+    cfg = load_config(JOBS / "pretrain.yaml")
+    assert cfg.model.preset == "tiny" and cfg.model.embedding_dim == 128
+    assert cfg.data.dir == "data/stdlib"
+
+
+def test_preset_then_keys_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  preset: tiny\n  num_layers: 2\n")
+    cfg = load_config(path, ["model.dropout=0.2", "train.start_context=a: b", "optim.betas=[0.9, 0.95]"])
+    assert (cfg.model.embedding_dim, cfg.model.num_layers, cfg.model.dropout) == (128, 2, 0.2)
+    assert cfg.train.start_context == "a: b"
+    assert cfg.optim.betas == [0.9, 0.95]
+
+
+def test_override_can_switch_preset():
+    cfg = load_config(JOBS / "pretrain.yaml", ["model.preset=gpt2-medium"])
+    assert cfg.model.embedding_dim == 1024 and cfg.model.num_layers == 24
+
+
+def test_yaml_exponent_without_dot_is_a_float(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  peak_lr: 1e-3\n  min_lr: 5e-5\n")
+    cfg = load_config(path, ["optim.initial_lr=1e-5"])
+    assert (cfg.optim.peak_lr, cfg.optim.min_lr, cfg.optim.initial_lr) == (1e-3, 5e-5, 1e-5)
+
+
+def test_int_is_accepted_for_float_but_not_bool_for_int():
+    assert load_config(None, ["optim.max_norm=2"]).optim.max_norm == 2.0
+    with pytest.raises(UserError, match="train.batch_size: expected int"):
+        load_config(None, ["train.batch_size=true"])
+
+
+def test_to_dict_round_trips():
+    from raygpt.config import config_from_dict
+
+    cfg = load_config(JOBS / "pretrain.yaml")
+    assert config_from_dict(cfg.to_dict()) == cfg
+    assert isinstance(cfg, Config)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.embed_dim=64"], "unknown config key 'model.embed_dim'; valid keys in model: embedding_dim"),
+        (["bogus.key=1"], "unknown config section 'bogus'; valid: schema_version, model"),
+        (["train.batch_size=eight"], "train.batch_size: expected int, got 'eight'"),
+        (["model.qkv_bias=3"], "model.qkv_bias: expected bool"),
+        (["model.num_layers=0"], "model.num_layers must be > 0, got 0"),
+        (["train.batch_size=-4"], "train.batch_size must be > 0"),
+        (["model.context_len=0"], "model.context_len must be > 0"),
+        (["model.num_heads=5"], r"model.embedding_dim \(768\) must be divisible by model.num_heads \(5\)"),
+        (["optim.min_lr=0.1"], r"optim.min_lr \(0.1\) must be <= optim.peak_lr \(0.01\)"),
+        (["optim.initial_lr=0.5"], r"optim.initial_lr \(0.5\) must be <= optim.peak_lr"),
+        (["model.dropout=-0.1"], r"model.dropout must be in \[0, 1\), got -0.1"),
+        (["model.dropout=1.0"], r"model.dropout must be in \[0, 1\)"),
+        (["data.stride=0"], "data.stride must be > 0"),
+        (["data.stride=-3"], "data.stride must be > 0"),
+        (["model.preset=gpt5"], "model.preset: unknown preset 'gpt5'; choose one of tiny, gpt2-small"),
+        (["nodot=1"], "expected section.key=value"),
+        (["model.dropout"], "expected section.key=value"),
+        (["optim.betas=[0.9]"], "optim.betas must be two numbers"),
+    ],
+)
+def test_bad_values_give_one_line(overrides, message):
+    with pytest.raises(UserError, match=message) as info:
+        load_config(None, overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file():
+    with pytest.raises(UserError, match="config file not found: nope.yaml"):
+        load_config("nope.yaml")
+
+
+def test_not_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  preset: [tiny\n")
+    with pytest.raises(UserError, match=r"is not valid YAML \(line \d+\)"):
+        load_config(path)
+
+
+def test_not_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(UserError, match="must hold a mapping of sections, got list"):
+        load_config(path)
+
+
+def test_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "new.yaml"
+    path.write_text(f"schema_version: {SCHEMA_VERSION + 1}\n")
+    with pytest.raises(UserError, match="schema_version"):
+        load_config(path)

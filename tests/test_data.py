@@ -1,0 +1,312 @@
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raygpt import data
+from raygpt.data import WindowDataset, is_val_document, num_windows, prepare, read_shard
+from raygpt.errors import UserError
+from raygpt.tokenizer import EOT_TOKEN, gpt2_encoding
+
+DOCS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def add(a, b):\n    return a + b\n",
+    "Ünïcödé text — with em dashes, 東京, and emoji 🎉.",
+    "Every effort moves you forward, one token at a time.",
+    "import os\nprint(os.getcwd())\n",
+]
+
+
+def quiet(**kw):
+    return dict(context_len=8, log=lambda *a: None, progress=False, **kw)
+
+
+def decoded_documents(folder):
+    """All documents of a prepared folder, val and train, decoded back to text, in corpus order."""
+    manifest = data.load_manifest(folder)
+    texts = {}
+    for split in ("train", "val"):
+        shards = [read_shard(folder / s["file"]) for s in manifest["splits"][split]["shards"]]
+        ids = np.concatenate(shards) if shards else np.zeros(0, dtype=np.uint16)
+        texts[split] = gpt2_encoding().decode(ids.tolist()).split(EOT_TOKEN)[:-1]
+    return texts
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+
+@pytest.mark.parametrize(
+    "tokens, ctx, stride, expected",
+    [(100, 10, 10, 9), (101, 10, 10, 10), (11, 10, 10, 1), (10, 10, 10, 0), (5, 10, 1, 0),
+     (100, 10, 1, 90), (100, 10, 5, 18), (1000, 128, 64, 14)],
+)
+def test_num_windows_matches_the_seed(tokens, ctx, stride, expected):
+    assert num_windows(tokens, ctx, stride) == expected == len(range(0, tokens - ctx, stride))
+
+
+def test_val_split_is_deterministic_and_exact():
+    picks = [i for i in range(1000) if is_val_document(i, 0.1)]
+    assert len(picks) == 100 and picks[:3] == [9, 19, 29]
+    assert not any(is_val_document(i, 0.0) for i in range(100))
+    assert sum(is_val_document(i, 0.25) for i in range(10)) == 2
+
+
+def _folder_with_shards(tmp_path, sizes):
+    """A hand-made prepared folder whose train split is 0..N-1 spread over shards of `sizes`."""
+    start, shards = 0, []
+    for k, n in enumerate(sizes):
+        name = f"train-{k:05d}.arrow"
+        data.write_shard(tmp_path / name, np.arange(start, start + n, dtype=np.uint16))
+        shards.append({"file": name, "tokens": n})
+        start += n
+    manifest = {"splits": {"train": {"tokens": start, "shards": shards}, "val": {"tokens": 0, "shards": []}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    return tmp_path
+
+
+def test_windows_run_over_the_concatenation_of_shards(tmp_path):
+    folder = _folder_with_shards(tmp_path, [7, 3, 1, 20])  # 31 tokens
+    ds = WindowDataset(folder, "train", context_len=8, stride=4)
+    assert len(ds) == num_windows(31, 8, 4) == 6
+    for i in range(len(ds)):
+        x, y = ds[i]
+        assert x.dtype == torch.long and x.shape == (8,)
+        assert x.tolist() == list(range(4 * i, 4 * i + 8))  # crosses shards 0->1->2->3
+        assert y.tolist() == list(range(4 * i + 1, 4 * i + 9))
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def test_window_default_stride_is_context_len(tmp_path):
+    ds = WindowDataset(_folder_with_shards(tmp_path, [50]), "train", context_len=10)
+    assert len(ds) == 4 and ds[1][0][0].item() == 10
+
+
+def test_dataset_pickles_without_the_mapped_arrays(tmp_path):
+    import pickle
+
+    ds = WindowDataset(_folder_with_shards(tmp_path, [40]), "train", context_len=8)
+    ds[0]
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone._arrays is None and torch.equal(clone[2][0], ds[2][0])
+
+
+def test_shards_are_memory_mapped_not_copied(tmp_path):
+    data.write_shard(tmp_path / "s.arrow", np.arange(100, dtype=np.uint16))
+    arr = read_shard(tmp_path / "s.arrow")
+    assert arr.dtype == np.uint16 and not arr.flags.writeable and not arr.flags.owndata
+
+
+def test_missing_manifest_says_to_run_prepare(tmp_path):
+    with pytest.raises(UserError, match="run `raygpt prepare`"):
+        WindowDataset(tmp_path, "train", 8)
+
+
+# ----------------------------------------------------------------------------- prepare round trips
+
+
+def test_round_trip_txt(tmp_path):
+    for i, text in enumerate(DOCS):
+        (tmp_path / f"doc{i}.txt").write_text(text)
+    out = tmp_path / "out"
+    manifest = prepare([str(tmp_path / "*.txt")], out, val_fraction=0.2, **quiet())
+    texts = decoded_documents(out)
+    assert texts["val"] == [DOCS[4]] and texts["train"] == DOCS[:4]
+    assert manifest["splits"]["val"]["documents"] == 1
+    total = sum(len(gpt2_encoding().encode_ordinary(d)) + 1 for d in DOCS)
+    assert manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"] == total
+
+
+def test_round_trip_jsonl_across_small_shards(tmp_path):
+    src = tmp_path / "c.jsonl"
+    src.write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(DOCS)) + "\n\n")
+    out = tmp_path / "out"
+    manifest = prepare([str(src)], out, val_fraction=0.0, shard_tokens=16, **quiet())
+    assert len(manifest["splits"]["train"]["shards"]) > 3
+    assert all(s["tokens"] <= 16 for s in manifest["splits"]["train"]["shards"])
+    assert decoded_documents(out)["train"] == DOCS
+
+
+def test_round_trip_parquet_in_batches(tmp_path):
+    docs = DOCS * 500  # several row-group batches of 1024
+    pq.write_table(pa.table({"id": list(range(len(docs))), "text": docs}), tmp_path / "c.parquet", row_group_size=700)
+    out = tmp_path / "out"
+    prepare([str(tmp_path / "c.parquet")], out, val_fraction=0.1, **quiet())
+    texts = decoded_documents(out)
+    assert len(texts["val"]) == 250 and len(texts["train"]) == 2250
+    assert texts["train"][:9] == docs[:9] and texts["val"][0] == docs[9]
+
+
+def test_folder_input_reads_all_formats_sorted(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "b.txt").write_text(DOCS[1])
+    (corpus / "a.jsonl").write_text(json.dumps({"text": DOCS[0]}) + "\n")
+    (corpus / "notes.md").write_text("ignored")
+    prepare([str(corpus)], tmp_path / "out", val_fraction=0.0, **quiet())
+    assert decoded_documents(tmp_path / "out")["train"] == DOCS[:2]
+
+
+def test_windows_over_a_prepared_folder(tmp_path):
+    (tmp_path / "a.txt").write_text(" ".join(DOCS * 20))
+    prepare([str(tmp_path / "a.txt")], tmp_path / "out", val_fraction=0.0, shard_tokens=100, **quiet())
+    ds = WindowDataset(tmp_path / "out", "train", context_len=32, stride=16)
+    ids = gpt2_encoding().encode_ordinary(" ".join(DOCS * 20))
+    assert len(ds) == num_windows(len(ids) + 1, 32, 16)
+    x, y = ds[3]
+    assert x.tolist() == ids[48:80] and y.tolist() == ids[49:81]
+
+
+def test_stdlib_corpus(tmp_path):
+    lines = []
+    manifest = prepare(source="stdlib", out=tmp_path / "std", context_len=128, log=lines.append, progress=False)
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    assert train["documents"] > 1000 and train["tokens"] > 5_000_000 and val["documents"] > 100
+    assert manifest["inputs"]["files"] == len(data.stdlib_files())
+    assert "site-packages" not in "".join(str(p) for p in data.stdlib_files())
+    assert lines[-1].startswith("prepared ") and "tokens/s" in lines[-1]
+
+
+# ----------------------------------------------------------------------------- re-runs and atomicity
+
+
+def test_rerun_is_a_noop_and_changed_input_rebuilds(tmp_path):
+    src = tmp_path / "a.txt"
+    src.write_text(DOCS[0] * 3)
+    out = tmp_path / "out"
+    prepare([str(src)], out, **quiet())
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    lines = []
+    prepare([str(src)], out, context_len=8, log=lines.append, progress=False)
+    assert "up to date" in lines[0] and (out / "manifest.json").stat().st_mtime_ns == stamp
+
+    src.write_text(DOCS[1] * 3)
+    prepare([str(src)], out, **quiet())
+    assert decoded_documents(out)["train"] == [DOCS[1] * 3]
+
+    prepare([str(src)], out, **quiet(val_fraction=0.5))  # changed options rebuild too
+    assert data.load_manifest(out)["options"]["val_fraction"] == 0.5
+
+
+def test_interrupted_prepare_leaves_no_complete_looking_folder(tmp_path, monkeypatch):
+    src = tmp_path / "a.txt"
+    src.write_text(" ".join(DOCS * 50))
+
+    def crash(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "write_shard", crash)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(src)], tmp_path / "out", shard_tokens=50, **quiet())
+    assert sorted(os.listdir(tmp_path)) == ["a.txt"]  # no out/, no temporary folder
+
+
+def test_interrupted_rebuild_keeps_the_old_complete_folder(tmp_path, monkeypatch):
+    src = tmp_path / "a.txt"
+    src.write_text(DOCS[0] * 5)
+    prepare([str(src)], tmp_path / "out", **quiet())
+    src.write_text(DOCS[1] * 5)
+    monkeypatch.setattr(data, "write_shard", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(src)], tmp_path / "out", **quiet())
+    assert decoded_documents(tmp_path / "out")["train"] == [DOCS[0] * 5]
+
+
+def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
+    (tmp_path / "a.txt").write_text(DOCS[0] * 5)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(UserError, match="not a raygpt data folder"):
+        prepare([str(tmp_path / "a.txt")], tmp_path / "mine", **quiet())
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+# ----------------------------------------------------------------------------- bad input, via the CLI
+
+
+def _one_line_error(run_cli, *args):
+    code, out, err = run_cli(*args)
+    assert code == 2, (out, err)
+    assert err.startswith("raygpt: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_cli_missing_path(run_cli, tmp_path):
+    err = _one_line_error(run_cli, "prepare", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o"))
+    assert "input path does not exist" in err and "nope.txt" in err
+
+
+def test_cli_glob_matching_nothing(run_cli, tmp_path):
+    err = _one_line_error(run_cli, "prepare", str(tmp_path / "*.jsonl"), "--out", str(tmp_path / "o"))
+    assert "glob matches no file" in err
+
+
+def test_cli_empty_corpus(run_cli, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    err = _one_line_error(run_cli, "prepare", str(tmp_path / "empty.txt"), str(tmp_path / "blank.jsonl"),
+                          "--out", str(tmp_path / "o"))
+    assert "empty corpus" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_bad_jsonl_line_names_file_and_line(run_cli, tmp_path):
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"text": "ok"}\n{"text": "ok too"}\n{"text": broken\n')
+    err = _one_line_error(run_cli, "prepare", str(src), "--out", str(tmp_path / "o"))
+    assert f"{src}:3: not valid JSON" in err
+
+
+def test_cli_jsonl_without_text_field(run_cli, tmp_path):
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"content": "x"}\n')
+    err = _one_line_error(run_cli, "prepare", str(src), "--out", str(tmp_path / "o"))
+    assert f"{src}:1: expected a JSON object with a string 'text' field" in err
+
+
+def test_cli_parquet_without_text_column_names_its_columns(run_cli, tmp_path):
+    pq.write_table(pa.table({"id": [1], "body": ["x"]}), tmp_path / "c.parquet")
+    err = _one_line_error(run_cli, "prepare", str(tmp_path / "c.parquet"), "--out", str(tmp_path / "o"))
+    assert "no 'text' column (columns: id, body)" in err
+
+
+def test_cli_corpus_too_small_for_one_window(run_cli, tmp_path):
+    (tmp_path / "a.txt").write_text("just a few tokens")
+    err = _one_line_error(run_cli, "prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "o"),
+                          "--context-len", "64")
+    assert "corpus too small" in err and "context_len + 1 = 65" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_unsupported_file_type(run_cli, tmp_path):
+    (tmp_path / "a.csv").write_text("x")
+    err = _one_line_error(run_cli, "prepare", str(tmp_path / "a.csv"), "--out", str(tmp_path / "o"))
+    assert "unsupported input" in err
+
+
+def test_cli_nothing_to_prepare(run_cli):
+    assert "nothing to prepare" in _one_line_error(run_cli, "prepare")
+
+
+def test_undecodable_bytes_are_replaced_and_counted(run_cli, tmp_path):
+    (tmp_path / "good.txt").write_text(DOCS[0] * 3)
+    (tmp_path / "bad1.txt").write_bytes(b"caf\xe9 latin-1 bytes " * 5)
+    (tmp_path / "bad2.txt").write_bytes(b"\xff\xfe broken " * 5)
+    code, out, err = run_cli("prepare", str(tmp_path / "*.txt"), "--out", str(tmp_path / "o"),
+                             "--context-len", "8", "--val-fraction", "0")
+    assert code == 0, err
+    assert "undecodable bytes replaced in 2 file(s)" in out
+    assert "caf\ufffd latin-1" in decoded_documents(tmp_path / "o")["train"][0]
+
+
+def test_cli_prepare_with_config_uses_its_data_dir(run_cli, tmp_path):
+    (tmp_path / "a.txt").write_text(" ".join(DOCS * 10))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model:\n  preset: tiny\ndata:\n  dir: {tmp_path / 'from-config'}\n")
+    code, out, err = run_cli("prepare", str(tmp_path / "a.txt"), "--config", str(cfg), "--val-fraction", "0")
+    assert code == 0, err
+    assert (tmp_path / "from-config" / "manifest.json").is_file()
