@@ -4,6 +4,7 @@ bad input (`UserError`) becomes one line on stderr and exit code 2."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from raygpt.errors import UserError
@@ -62,10 +63,54 @@ def _run_bench_prepare(args: argparse.Namespace) -> None:
     bench_prepare(repeats=args.repeats, threads=args.threads)
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="pre-train on Ray Train (an embedded local Ray, or a cluster)")
+    p.add_argument("--config", help="YAML config (default for a new run: jobs/pretrain.yaml's defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--address", help="Ray cluster to join: 'auto' or HOST:PORT (default: start a local Ray)")
+    p.add_argument("--resume", metavar="RUN", help="continue a run (its name under run.storage_path, or its folder)")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from raygpt.config import load_config
+    from raygpt.data import load_manifest, prepare
+    from raygpt.train import resume_paths, run_config, train
+
+    if args.resume and not args.config:
+        storage = load_config(None, [o for o in args.overrides if o.startswith("run.storage_path=")])
+        cfg = run_config(resume_paths(args.resume, storage.run.storage_path), args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+    if cfg.data.source and not os.path.isfile(os.path.join(cfg.data.dir, "manifest.json")):
+        prepare(out=cfg.data.dir, source=cfg.data.source, context_len=cfg.model.context_len)
+    load_manifest(cfg.data.dir)
+    train(cfg, address=args.address, resume=args.resume)
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder, a run folder, or a storage URI")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> None:
+    from raygpt.generate import generate_text
+
+    print(generate_text(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raygpt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prepare(sub)
+    _add_train(sub)
+    _add_generate(sub)
     _add_bench(sub)
     return parser
 
@@ -76,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except UserError as exc:
         print(f"raygpt: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:
+        from raygpt.train import TrainingFailed
+
+        if not isinstance(exc, TrainingFailed):
+            raise
+        print(f"raygpt: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("raygpt: interrupted", file=sys.stderr)

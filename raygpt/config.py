@@ -31,6 +31,7 @@ class ModelConfig(GPTConfig):
 @dataclass
 class DataConfig:
     dir: str = "data/stdlib"  # a folder written by `raygpt prepare`
+    source: str | None = None  # "stdlib": `raygpt train` prepares `dir` from it when missing
     stride: int | None = None  # window stride; None means context_len (non-overlapping, as the seed)
 
 
@@ -70,8 +71,9 @@ class RunConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    max_failures: int = 0
-    num_to_keep: int = 2
+    max_failures: int = 0  # worker-group restarts Ray Train may make from the latest checkpoint
+    num_to_keep: int = 2  # checkpoints kept, best by val_loss (the latest is always kept too)
+    resource_wait_s: float = 60.0  # how long to wait for workers' resources (an autoscaler adding nodes)
 
 
 @dataclass
@@ -243,11 +245,14 @@ def validate(cfg: Config) -> None:
         "train.eval_freq": t.eval_freq, "train.eval_iter": t.eval_iter,
         "train.save_freq": t.save_freq, "run.num_workers": r.num_workers,
         "run.cpus_per_worker": r.cpus_per_worker, "run.num_to_keep": r.num_to_keep,
+        "run.resource_wait_s": r.resource_wait_s,
         "optim.peak_lr": o.peak_lr, "optim.max_norm": o.max_norm, "optim.eps": o.eps,
     }
     for key, value in positive.items():
         if value is not None and value <= 0:
             raise UserError(f"{key} must be > 0, got {value}")
+    if d.source not in (None, "stdlib"):
+        raise UserError(f"data.source must be 'stdlib' or null, got {d.source!r}")
     if d.stride is not None and d.stride <= 0:
         raise UserError(f"data.stride must be > 0 (or null for context_len), got {d.stride}")
     if m.embedding_dim % m.num_heads:

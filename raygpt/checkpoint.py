@@ -1,0 +1,165 @@
+"""Checkpoints and the shared storage they live on.
+
+A checkpoint is a folder `checkpoint_<step>` holding `model.pt` and `optimizer.pt` (plain state
+dicts, loaded with `torch.load(weights_only=True)`: no arbitrary unpickling) and `state.json`
+(step, epoch, data position, tokens seen, the run's config, the format version). Runs live in
+`<storage_path>/<run name>/`; storage is a local folder or any pyarrow filesystem URI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import torch
+
+from raygpt.errors import UserError
+
+FORMAT_VERSION = 1
+_PREFIXES = ("module.", "_orig_mod.")  # added by DDP and torch.compile
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+def is_uri(path: str) -> bool:
+    return "://" in str(path)
+
+
+def resolve_storage(path: str) -> str:
+    """Absolute local path, or the URI unchanged."""
+    return str(path) if is_uri(path) else os.path.abspath(os.path.expanduser(str(path)))
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pafs.ArrowInvalid, ValueError, OSError) as exc:  # type: ignore[attr-defined]
+        raise UserError(f"cannot open storage {uri}: {exc}") from None
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_text(uri: str) -> str:
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def write_text(uri: str, text: str) -> None:
+    """Write a small file whole (object stores have no append); local writes are atomic."""
+    fs, path = filesystem(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    tmp = path + ".tmp" if isinstance(fs, pafs.LocalFileSystem) else path
+    with fs.open_output_stream(tmp) as f:
+        f.write(text.encode())
+    if tmp != path:
+        fs.move(tmp, path)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint_{step:07d}"
+
+
+def list_checkpoints(run_uri: str) -> list[str]:
+    """URIs of the run's checkpoint folders, oldest first (names sort by step)."""
+    fs, path = filesystem(run_uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path))
+    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    return [join(run_uri, n) for n in names]
+
+
+def download(uri: str, local_dir: str) -> str:
+    """Copy a checkpoint folder from storage to `local_dir` (a no-op for a local folder)."""
+    if not is_uri(uri):
+        return uri
+    fs, path = filesystem(uri)
+    pafs.copy_files(path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local_dir
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def unwrapped_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict without DDP's `module.` or torch.compile's `_orig_mod.` prefixes,
+    so plain, compiled and DDP checkpoints load into each other."""
+    out = {}
+    for key, value in model.state_dict().items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def save_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    state: dict[str, Any]) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(unwrapped_state_dict(model), folder / "model.pt")
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    # state.json last: a folder with it is complete.
+    (folder / "state.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **state}, indent=1))
+
+
+def read_state(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "state.json"
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{folder} is not a raygpt checkpoint (no state.json)") from None
+    except json.JSONDecodeError:
+        raise UserError(f"checkpoint {folder} is damaged: state.json is not valid JSON") from None
+    if state.get("format_version", 0) > FORMAT_VERSION:
+        raise UserError(f"checkpoint {folder} has format {state['format_version']}, newer than this raygpt reads")
+    return state
+
+
+def load_checkpoint(folder: str | Path, with_optimizer: bool = True) -> dict[str, Any]:
+    """{"state": ..., "model": state dict, "optimizer": state dict or None} from a local folder."""
+    folder = Path(folder)
+    state = read_state(folder)
+    out: dict[str, Any] = {"state": state, "optimizer": None}
+    files = ["model.pt"] + (["optimizer.pt"] if with_optimizer else [])
+    for name in files:
+        try:
+            out[name[:-3]] = torch.load(folder / name, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise UserError(f"checkpoint {folder} is incomplete: {name} is missing") from None
+        except Exception as exc:  # torch raises several types for a truncated or foreign file
+            raise UserError(f"checkpoint {folder} is damaged: {name} does not load ({type(exc).__name__})") from None
+    return out
+
+
+SHAPE_KEYS = ("embedding_dim", "num_layers", "num_heads", "context_len", "vocabulary_size", "qkv_bias",
+              "tie_embeddings")
+
+
+def check_same_shape(checkpoint_model: dict[str, Any], model_cfg: Any, where: str) -> None:
+    """Refuse a checkpoint of a different architecture with one line naming what differs."""
+    diffs = [f"{k} {checkpoint_model.get(k)} vs {getattr(model_cfg, k)}" for k in SHAPE_KEYS
+             if checkpoint_model.get(k) != getattr(model_cfg, k)]
+    if diffs:
+        raise UserError(f"checkpoint {where} is for a different model shape (checkpoint vs config: {', '.join(diffs)})")
+
+
+def temporary_dir(prefix: str = "raygpt-") -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix=prefix)

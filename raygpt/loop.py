@@ -1,0 +1,345 @@
+"""The training loop: plain PyTorch, the seed's `hyper_pretrain_model` made distributed.
+
+It runs the same under Ray Train (raygpt.train), under torchrun, or alone in one process; what
+differs is the `Runtime` the caller hands in (rank, device, how to wrap the model and loader,
+how to report). Per optimizer step: lr from the step, forward, cross-entropy, backward (with
+`no_sync` on inner accumulation micro-steps), clipping after warmup, AdamW step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pyarrow.fs as pafs
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler
+
+from raygpt import checkpoint as ckpt
+from raygpt.config import Config, OptimConfig, TrainConfig
+from raygpt.data import WindowDataset, load_manifest, num_windows
+from raygpt.errors import UserError
+from raygpt.model import GPTModel
+from raygpt.sampler import GlobalBatchSampler
+from raygpt.schedule import clip_gradients, should_clip, warmup_cosine_lr
+from raygpt.tokenizer import EOT_ID, gpt2_encoding
+
+METRICS_FILE = "metrics.jsonl"
+
+
+# ----------------------------------------------------------------------------- planning (pure)
+
+
+@dataclass
+class StepPlan:
+    micro_batch: int  # sequences per worker per forward pass
+    steps_per_epoch: int
+    total_steps: int
+
+
+def plan_steps(train: TrainConfig, num_train_windows: int, num_workers: int, context_len: int,
+               warmup_steps: int) -> StepPlan:
+    """Micro-batch and step counts; a config the trainer cannot run is a one-line UserError."""
+    b, w, a = train.batch_size, num_workers, train.grad_accum_steps
+    if b % (w * a):
+        raise UserError(
+            f"train.batch_size {b} does not divide over run.num_workers {w} x train.grad_accum_steps {a}; "
+            f"use a multiple of {w * a}"
+        )
+    steps_per_epoch = num_train_windows // b
+    if steps_per_epoch == 0:
+        raise UserError(f"train.batch_size {b} is larger than the dataset ({num_train_windows} train windows)")
+    candidates = [steps_per_epoch * train.num_epochs]
+    if train.max_steps is not None or train.max_tokens is not None:
+        candidates = []
+        if train.max_steps is not None:
+            candidates.append(train.max_steps)
+        if train.max_tokens is not None:
+            candidates.append(math.ceil(train.max_tokens / (b * context_len)))
+    total = min(candidates)
+    if warmup_steps >= total:
+        raise UserError(f"optim.warmup_steps {warmup_steps} must be < total steps {total}")
+    return StepPlan(b // (w * a), steps_per_epoch, total)
+
+
+def plan_for(cfg: Config, data_dir: str) -> StepPlan:
+    """The plan of a config over a prepared data folder (reads only the manifest)."""
+    manifest = load_manifest(data_dir)
+    stride = cfg.data.stride or cfg.model.context_len
+    windows = num_windows(manifest["splits"]["train"]["tokens"], cfg.model.context_len, stride)
+    if windows == 0:
+        raise UserError(f"{data_dir}: the train split holds no window of context_len {cfg.model.context_len}")
+    if manifest["splits"]["val"]["tokens"] <= cfg.model.context_len:
+        raise UserError(f"{data_dir}: the val split holds no window of context_len {cfg.model.context_len}; "
+                        "prepare with a larger --val-fraction or more data")
+    return plan_steps(cfg.train, windows, cfg.run.num_workers, cfg.model.context_len, cfg.optim.warmup_steps)
+
+
+def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """Randomness of one step on one rank (dropout), from (seed, epoch, step, rank) alone, so a
+    resumed run draws exactly what an uninterrupted one would."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{step}/{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; by default every parameter decays (the seed); `decay_matrices_only` spares biases,
+    LayerNorm and embeddings."""
+    if optim.decay_matrices_only:
+        no_decay = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+        decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in no_decay]
+        rest = [p for p in model.parameters() if p.dim() < 2 or id(p) in no_decay]
+        groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    else:
+        groups = [{"params": list(model.parameters()), "weight_decay": optim.weight_decay}]
+    return torch.optim.AdamW(groups, lr=optim.peak_lr, betas=tuple(optim.betas), eps=optim.eps)
+
+
+# ----------------------------------------------------------------------------- runtime
+
+
+def save_to_run_dir(run_dir: str) -> Callable[[dict[str, Any], str | None], None]:
+    """The report of a run without Ray: copy each checkpoint into the run folder."""
+
+    def report(metrics: dict[str, Any], folder: str | None) -> None:
+        if folder is not None:
+            fs, path = ckpt.filesystem(ckpt.join(run_dir, ckpt.checkpoint_name(metrics["step"])))
+            fs.create_dir(path, recursive=True)
+            pafs.copy_files(folder, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+    return report
+
+
+@dataclass
+class Runtime:
+    """What the code around the loop provides."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    run_dir: str | None = None  # where rank 0 keeps the metrics log (a path or storage URI)
+    restore_from: str | None = None  # a local checkpoint folder to resume from
+    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m
+    wrap_loader: Callable[[DataLoader], DataLoader] = lambda d: d
+    # Called on every rank at the same points (Ray's report is a barrier); the checkpoint folder
+    # is given on rank 0 only, and is deleted once report returns.
+    report: Callable[[dict[str, Any], str | None], None] = lambda metrics, folder: None
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # global batches consumed in this epoch
+    tokens_seen: int = 0
+    elapsed: float = 0.0  # wall seconds of training before this process took over
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _mean_over_workers(value: float, rt: Runtime) -> float:
+    if rt.world_size == 1 or not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=rt.device if rt.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return t.item() / rt.world_size
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader, batches: int, rt: Runtime) -> float:
+    """Mean cross-entropy over the first `batches` batches of `loader`, averaged over workers."""
+    model.eval()
+    total, count = 0.0, 0
+    for i, (x, y) in enumerate(loader):
+        if i >= batches:
+            break
+        x, y = x.to(rt.device), y.to(rt.device)
+        total += F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+        count += 1
+    model.train()
+    return _mean_over_workers(total / max(count, 1), rt)
+
+
+def generate_sample(model: torch.nn.Module, prompt: str, device: torch.device, seed: int,
+                    max_new_tokens: int = 40) -> str:
+    """A progress sample: top-k sampling from its own generator (greedy decoding of a young model
+    is mostly whitespace), so the training RNG is untouched."""
+    enc = gpt2_encoding()
+    idx = torch.tensor([enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [EOT_ID]], device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = model.generate(idx, max_new_tokens=max_new_tokens, temperature=0.8, top_k=40, eos_id=EOT_ID,
+                         generator=generator)
+    return enc.decode(out[0].tolist())
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
+    t, o, m = cfg.train, cfg.optim, cfg.model
+    rank0 = rt.rank == 0
+    plan = plan_for(cfg, data_dir)
+    b_local = t.batch_size // rt.world_size
+
+    torch.manual_seed(t.seed)
+    model = GPTModel.from_config(m)
+    optimizer = build_optimizer(model, o)
+    state = TrainState()
+    metrics_rows: list[dict[str, Any]] = []
+    if rt.restore_from is not None:
+        restored = ckpt.load_checkpoint(rt.restore_from)
+        ckpt.check_same_shape(restored["state"]["config"]["model"], m, rt.restore_from)
+        model.load_state_dict(restored["model"])
+        optimizer.load_state_dict(restored["optimizer"])
+        s = restored["state"]
+        state = TrainState(s["step"], s["epoch"], s["batch_in_epoch"], s["tokens_seen"], s["elapsed"])
+        if rank0 and rt.run_dir:
+            metrics_rows = [r for r in read_metrics(rt.run_dir) if r["step"] <= state.step]
+        if rank0:
+            rt.log(f"resumed from {rt.restore_from} at step {state.step} (epoch {state.epoch})")
+    model = rt.wrap_model(model.to(rt.device))
+
+    stride = cfg.data.stride or m.context_len
+    train_ds = WindowDataset(data_dir, "train", m.context_len, stride)
+    sampler = GlobalBatchSampler(train_ds, t.batch_size, rt.rank, rt.world_size, t.seed)
+    pin = rt.device.type == "cuda"
+    loader = rt.wrap_loader(DataLoader(train_ds, batch_size=plan.micro_batch, sampler=sampler, drop_last=True,
+                                       pin_memory=pin))
+    # Eval loaders read windows in order (the seed's val loader; a fixed train subset for the
+    # train loss), each worker its own share.
+    eval_loaders = {}
+    for split in ("train", "val"):
+        ds = train_ds if split == "train" else WindowDataset(data_dir, "val", m.context_len, m.context_len)
+        es = DistributedSampler(ds, num_replicas=rt.world_size, rank=rt.rank, shuffle=False)
+        eval_loaders[split] = DataLoader(ds, batch_size=plan.micro_batch, sampler=es, pin_memory=pin)
+
+    def report(step_tokens: int, step_seconds: float, save: bool) -> dict[str, Any]:
+        raw = _unwrap(model)
+        metrics = {
+            "step": state.step, "epoch": state.epoch,
+            "train_loss": evaluate(raw, eval_loaders["train"], t.eval_iter, rt),
+            "val_loss": evaluate(raw, eval_loaders["val"], t.eval_iter, rt),
+            "lr": warmup_cosine_lr(max(state.step - 1, 0), plan.total_steps, o.warmup_steps, o.initial_lr,
+                                   o.peak_lr, o.min_lr),
+            "tokens_seen": state.tokens_seen,
+            "tokens_per_s": step_tokens / step_seconds if step_seconds > 0 else 0.0,
+            "elapsed": state.elapsed + (time.perf_counter() - started),
+            "total_steps": plan.total_steps,
+        }
+        if rank0:
+            sample = generate_sample(raw, t.start_context, rt.device, t.seed)
+            rt.log(progress_line(metrics) + f"\n  sample: {sample!r}")
+            if rt.run_dir:
+                metrics_rows.append({**metrics, "sample": sample})
+                ckpt.write_text(ckpt.join(rt.run_dir, METRICS_FILE),
+                                "".join(json.dumps(r) + "\n" for r in metrics_rows))
+        with contextlib.ExitStack() as stack:
+            folder = None
+            if save and rank0:
+                folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="raygpt-ckpt-"))
+                ckpt.save_checkpoint(folder, model, optimizer, {
+                    "step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
+                    "samples_consumed": state.step * t.batch_size, "tokens_seen": state.tokens_seen,
+                    "elapsed": metrics["elapsed"], "metrics_rows": len(metrics_rows),
+                    "val_loss": metrics["val_loss"], "config": cfg.to_dict(),
+                })
+            rt.report(metrics, folder)
+        return metrics
+
+    started = time.perf_counter()
+    metrics: dict[str, Any] = {}
+    if state.step == 0:
+        metrics = report(0, 0.0, save=False)  # the untrained model: where the curves start
+    window_tokens, window_seconds = 0, 0.0
+    model.train()
+    while state.step < plan.total_steps:
+        sampler.set_position(state.epoch, state.batch_in_epoch)
+        batches = iter(loader)
+        while state.batch_in_epoch < plan.steps_per_epoch and state.step < plan.total_steps:
+            t0 = time.perf_counter()
+            lr = warmup_cosine_lr(state.step, plan.total_steps, o.warmup_steps, o.initial_lr, o.peak_lr, o.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            torch.manual_seed(step_seed(t.seed, state.epoch, state.step, rt.rank))
+            for micro in range(t.grad_accum_steps):
+                x, y = next(batches)
+                x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+                last = micro == t.grad_accum_steps - 1
+                sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+                with sync:
+                    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+                    (loss / t.grad_accum_steps).backward()
+            if should_clip(state.step, o.warmup_steps, o.clip_during_warmup):
+                clip_gradients(model.parameters(), o.max_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.batch_in_epoch += 1
+            # Every worker consumed b_local sequences (equal shares by construction): the sum.
+            state.tokens_seen += b_local * m.context_len * rt.world_size
+            window_tokens += t.batch_size * m.context_len
+            window_seconds += time.perf_counter() - t0
+            done = state.step >= plan.total_steps
+            save = state.step % t.save_freq == 0 or done
+            if save or state.step % t.eval_freq == 0:
+                metrics = report(window_tokens, window_seconds, save)
+                window_tokens, window_seconds = 0, 0.0
+        if state.batch_in_epoch >= plan.steps_per_epoch:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+    return metrics
+
+
+# ----------------------------------------------------------------------------- the metrics log
+
+
+def read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    uri = ckpt.join(run_dir, METRICS_FILE)
+    if not ckpt.exists(uri):
+        return []
+    return [json.loads(line) for line in ckpt.read_text(uri).splitlines() if line.strip()]
+
+
+def progress_line(m: dict[str, Any]) -> str:
+    return (
+        f"step {m['step']:>6}/{m['total_steps']} | epoch {m['epoch']} | train {m['train_loss']:.3f} | "
+        f"val {m['val_loss']:.3f} | lr {m['lr']:.2e} | {m['tokens_per_s']:,.0f} tok/s | "
+        f"{m['tokens_seen']:,} tokens | {m['elapsed']:.1f} s"
+    )
+
+
+def run_without_ray(cfg: Config, data_dir: str, run_dir: str, restore_from: str | None = None) -> dict[str, Any]:
+    """The same loop with no Ray: one process, or DDP under `torchrun` (gloo on CPU, NCCL on GPU)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    use_cuda = cfg.run.use_gpu and torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda else "cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+
+    def ddp(model: torch.nn.Module) -> torch.nn.Module:
+        if world == 1:
+            return model
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None)
+
+    cfg.run.num_workers = world  # the plan divides the batch over the processes actually running
+    rt = Runtime(rank=rank, world_size=world, device=device, run_dir=run_dir, restore_from=restore_from,
+                 wrap_model=ddp, report=save_to_run_dir(run_dir) if rank == 0 else (lambda m, f: None))
+    try:
+        return train_loop(cfg, data_dir, rt)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()

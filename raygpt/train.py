@@ -1,0 +1,251 @@
+"""Ray Train around the loop: a TorchTrainer with DDP workers, shared checkpoint storage,
+failure handling and resume. The Ray-specific code is here and only here."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from raygpt import checkpoint as ckpt
+from raygpt.config import Config, apply_overrides, config_from_dict
+from raygpt.errors import UserError
+from raygpt.loop import METRICS_FILE, Runtime, StepPlan, plan_for, read_metrics, train_loop
+from raygpt.schedule import warmup_cosine_lr
+
+CONFIG_FILE = "config.yaml"
+PLOT_FILE = "loss.png"
+
+
+class TrainingFailed(Exception):
+    """Training itself failed (a worker error Ray could not recover from). Exit code 1."""
+
+    exit_code = 1
+
+
+@dataclass
+class RunPaths:
+    storage: str  # absolute folder or URI
+    name: str
+
+    @property
+    def uri(self) -> str:
+        return ckpt.join(self.storage, self.name)
+
+
+# ----------------------------------------------------------------------------- runs and configs
+
+
+def new_run_name() -> str:
+    return f"raygpt-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def resume_paths(resume: str, storage_path: str) -> RunPaths:
+    """`--resume` takes a run name (under the storage path) or a run folder / URI."""
+    if ckpt.is_uri(resume) or os.sep in resume or os.path.isdir(resume):
+        uri = ckpt.resolve_storage(resume).rstrip("/")
+        storage, _, name = uri.rpartition("/")
+        return RunPaths(storage, name)
+    return RunPaths(ckpt.resolve_storage(storage_path), resume)
+
+
+def run_config(paths: RunPaths, overrides: list[str]) -> Config:
+    """The config a run was started with (saved in its folder), with `--set` overrides."""
+    uri = ckpt.join(paths.uri, CONFIG_FILE)
+    if not ckpt.exists(uri):
+        raise UserError(f"no run to resume at {paths.uri} (no {CONFIG_FILE}); check the name or storage_path")
+    return config_from_dict(apply_overrides(yaml.safe_load(ckpt.read_text(uri)), overrides))
+
+
+def latest_checkpoint(run_uri: str) -> str | None:
+    """The newest checkpoint folder of a run that has its state.json (complete)."""
+    for uri in reversed(ckpt.list_checkpoints(run_uri)):
+        if ckpt.exists(ckpt.join(uri, "state.json")):
+            return uri
+    return None
+
+
+def _check_resume(paths: RunPaths, cfg: Config) -> None:
+    latest = latest_checkpoint(paths.uri)
+    if latest is None:
+        raise UserError(f"run {paths.name} has no checkpoint to resume from ({paths.uri})")
+    state = json.loads(ckpt.read_text(ckpt.join(latest, "state.json")))
+    ckpt.check_same_shape(state["config"]["model"], cfg.model, latest)
+
+
+# ----------------------------------------------------------------------------- Ray
+
+
+def start_ray(address: str | None) -> None:
+    """Join the cluster at `address` ("auto" or host:port), or start an embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    try:
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
+    except ConnectionError as exc:
+        raise UserError(f"cannot connect to a Ray cluster at {address!r}: {exc}") from None
+
+
+def check_resources(cfg: Config) -> None:
+    """Fail at once when the run can never fit; with an autoscaler, wait a bounded time."""
+    import ray
+    from ray._private.state import state
+
+    r = cfg.run
+    need = {"CPU": r.num_workers * r.cpus_per_worker}
+    if r.use_gpu:
+        need["GPU"] = r.num_workers * 1.0
+    largest = state.get_max_resources_from_cluster_config()  # None: no autoscaler
+    have = largest if largest else ray.cluster_resources()
+    for resource, amount in need.items():
+        if amount > have.get(resource, 0):
+            kind = "can grow to at most" if largest else "has"
+            raise UserError(
+                f"the run asks for {amount:g} {resource} ({r.num_workers} workers x "
+                f"{r.cpus_per_worker if resource == 'CPU' else 1:g}) but the cluster {kind} "
+                f"{have.get(resource, 0):g} {resource}"
+            )
+    # Ray Train waits this long for the workers' resources (an autoscaler may be adding nodes).
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(r.resource_wait_s)
+
+
+def _ray_report(metrics: dict[str, Any], folder: str | None) -> None:
+    import ray.train
+
+    if folder is None:
+        ray.train.report(metrics)
+    else:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_dir_name=ckpt.checkpoint_name(metrics["step"]))
+
+
+def _worker_log(line: str) -> None:
+    # Not print(): Ray Train patches print to tee into its logger, which doubles every line.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def ray_worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """Runs on every Ray Train worker: thin wiring from Ray to the plain loop."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    cfg = config_from_dict(loop_config["config"])
+    torch.set_num_threads(max(1, int(cfg.run.cpus_per_worker)))
+    ctx = ray.train.get_context()
+    checkpoint = ray.train.get_checkpoint()
+    with contextlib.ExitStack() as stack:
+        restore = stack.enter_context(checkpoint.as_directory()) if checkpoint else None
+        rt = Runtime(
+            rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), device=ray.train.torch.get_device(),
+            run_dir=loop_config["run_dir"], restore_from=restore,
+            wrap_model=ray.train.torch.prepare_model,
+            wrap_loader=lambda loader: ray.train.torch.prepare_data_loader(loader, move_to_device=False),
+            report=_ray_report, log=_worker_log,
+        )
+        return train_loop(cfg, loop_config["data_dir"], rt)
+
+
+def build_trainer(cfg: Config, paths: RunPaths, data_dir: str, extra_callbacks: list | None = None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2.api.config import LoggingConfig
+    from ray.train.torch import TorchTrainer
+
+    r = cfg.run
+    resources = {"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {})}
+    return TorchTrainer(
+        ray_worker_loop,
+        train_loop_config={"config": cfg.to_dict(), "run_dir": paths.uri, "data_dir": data_dir},
+        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=paths.name,
+            storage_path=paths.storage,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=r.num_to_keep, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+            ),
+            failure_config=FailureConfig(max_failures=r.max_failures),
+            callbacks=extra_callbacks or None,
+            # raygpt prints its own progress; Ray Train's per-report INFO lines would drown it.
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def lr_schedule(cfg: Config, plan: StepPlan) -> list[float]:
+    o = cfg.optim
+    return [warmup_cosine_lr(s, plan.total_steps, o.warmup_steps, o.initial_lr, o.peak_lr, o.min_lr)
+            for s in range(plan.total_steps)]
+
+
+def write_plot(cfg: Config, plan: StepPlan, run_uri: str) -> str:
+    from raygpt.plots import plot_run
+
+    rows = read_metrics(run_uri)
+    target = ckpt.join(run_uri, PLOT_FILE)
+    if ckpt.is_uri(run_uri):
+        with ckpt.temporary_dir() as tmp:
+            local = plot_run(rows, lr_schedule(cfg, plan), os.path.join(tmp, PLOT_FILE))
+            with open(local, "rb") as f:
+                fs, path = ckpt.filesystem(target)
+                with fs.open_output_stream(path) as out:
+                    out.write(f.read())
+        return target
+    return plot_run(rows, lr_schedule(cfg, plan), target)
+
+
+def train(cfg: Config, *, address: str | None = None, resume: str | None = None, log=print) -> dict[str, Any]:
+    """Train `cfg` on Ray (a new run, or `resume` an existing one); return a summary dict."""
+    data_dir = os.path.abspath(cfg.data.dir)
+    plan = plan_for(cfg, data_dir)  # validates data and batch arithmetic before Ray starts
+    if resume:
+        paths = resume_paths(resume, cfg.run.storage_path)
+        _check_resume(paths, cfg)
+    else:
+        paths = RunPaths(ckpt.resolve_storage(cfg.run.storage_path), cfg.run.name or new_run_name())
+        if ckpt.exists(paths.uri):
+            raise UserError(f"run {paths.name} already exists in {paths.storage}; "
+                            f"pass --resume {paths.name} to continue it, or choose another run.name")
+    cfg.run.name = paths.name
+    start_ray(address)
+    check_resources(cfg)
+    ckpt.write_text(ckpt.join(paths.uri, CONFIG_FILE), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    log(f"run {paths.name}: {cfg.run.num_workers} workers, {plan.total_steps} steps of "
+        f"{cfg.train.batch_size} x {cfg.model.context_len} tokens -> {paths.uri}")
+
+    import ray.train
+
+    try:
+        result = build_trainer(cfg, paths, data_dir).fit()
+    except ray.train.TrainingFailedError as exc:
+        raise TrainingFailed(f"training failed: {_last_line(exc)} (run folder: {paths.uri})") from None
+    metrics = result.metrics or {}
+    plot = write_plot(cfg, plan, paths.uri)
+    latest = latest_checkpoint(paths.uri)
+    best = result.get_best_checkpoint("val_loss", "min") if result.best_checkpoints else None
+    log(f"done: {metrics.get('step')} steps, val loss {metrics.get('val_loss', float('nan')):.3f}, "
+        f"{metrics.get('tokens_seen', 0):,} tokens")
+    log(f"  checkpoints: {paths.uri} (latest {latest}; best {best.path if best else None})")
+    log(f"  metrics: {ckpt.join(paths.uri, METRICS_FILE)}")
+    log(f"  plot: {plot}")
+    return {"run_dir": paths.uri, "name": paths.name, "metrics": metrics, "latest_checkpoint": latest,
+            "best_checkpoint": best.path if best else None, "plot": plot}
+
+
+def _last_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    errors = [line for line in text if "Error" in line or "Exception" in line]
+    return (errors[-1] if errors else text[-1] if text else type(exc).__name__).strip()
