@@ -1,5 +1,6 @@
 # Two entry points, each sets itself up first, in either order:
-#   make demo   the main job        make test   the whole test suite (fast + slow tiers)
+#   make demo   the main job: prepare the default corpus if needed, train the tiny model on Ray
+#   make test   the whole test suite (fast unit tests + slow end-to-end runs on a real local Ray)
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/raygpt prepare --config jobs/pretrain.yaml
+	$(VENV)/bin/raygpt train --config jobs/pretrain.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

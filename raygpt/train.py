@@ -135,6 +135,18 @@ def _worker_log(line: str) -> None:
     sys.stdout.flush()
 
 
+def _quiet_report_lines() -> None:
+    """Ray 2.60 logs every report at INFO under a logger named by file path, which the
+    LoggingConfig level does not reach; raise that one logger to WARNING."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # a Ray without that module: nothing to quiet
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def ray_worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Runs on every Ray Train worker: thin wiring from Ray to the plain loop."""
     import ray.train
@@ -142,6 +154,7 @@ def ray_worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     cfg = config_from_dict(loop_config["config"])
+    _quiet_report_lines()
     torch.set_num_threads(max(1, int(cfg.run.cpus_per_worker)))
     ctx = ray.train.get_context()
     checkpoint = ray.train.get_checkpoint()

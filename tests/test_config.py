@@ -24,6 +24,12 @@ def test_default_job_config_loads():
     assert cfg.data.dir == "data/stdlib"
 
 
+@pytest.mark.parametrize("path", sorted(JOBS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_job_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.train.batch_size % (cfg.run.num_workers * cfg.train.grad_accum_steps) == 0
+
+
 def test_preset_then_keys_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  preset: tiny\n  num_layers: 2\n")
