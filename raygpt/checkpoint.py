@@ -82,6 +82,13 @@ def list_checkpoints(run_uri: str) -> list[str]:
     return [join(run_uri, n) for n in names]
 
 
+def upload(local_dir: str, uri: str) -> None:
+    """Copy a local checkpoint folder to `uri` on storage."""
+    fs, path = filesystem(uri)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
 def download(uri: str, local_dir: str) -> str:
     """Copy a checkpoint folder from storage to `local_dir` (a no-op for a local folder)."""
     if not is_uri(uri):

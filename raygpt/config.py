@@ -20,6 +20,7 @@ from raygpt.errors import UserError
 from raygpt.model import PRESETS, GPTConfig
 
 SCHEMA_VERSION = 1
+FAULT_KINDS = ("raise", "kill", "sigterm")
 
 
 @dataclass
@@ -77,6 +78,15 @@ class RunConfig:
 
 
 @dataclass
+class FaultConfig:
+    """Fault injection, off by default: one worker fails once at a step, to watch recovery."""
+
+    crash_at_step: int | None = None  # after this optimizer step; null: off
+    kind: str = "raise"  # raise: an exception; kill: SIGKILL; sigterm: SIGTERM (a spot preemption)
+    rank: int = 0  # the worker that fails
+
+
+@dataclass
 class Config:
     schema_version: int = SCHEMA_VERSION
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -84,6 +94,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -270,5 +281,12 @@ def validate(cfg: Config) -> None:
         raise UserError(f"optim.min_lr ({o.min_lr}) must be <= optim.peak_lr ({o.peak_lr})")
     if o.initial_lr > o.peak_lr:
         raise UserError(f"optim.initial_lr ({o.initial_lr}) must be <= optim.peak_lr ({o.peak_lr})")
+    f = cfg.fault
+    if f.kind not in FAULT_KINDS:
+        raise UserError(f"fault.kind must be one of {', '.join(FAULT_KINDS)}, got {f.kind!r}")
+    if not 0 <= f.rank < r.num_workers:
+        raise UserError(f"fault.rank must be in [0, run.num_workers={r.num_workers}), got {f.rank}")
+    if f.crash_at_step is not None and f.crash_at_step <= 0:
+        raise UserError(f"fault.crash_at_step must be > 0 (or null: off), got {f.crash_at_step}")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         raise UserError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")

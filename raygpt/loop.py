@@ -17,13 +17,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 from raygpt import checkpoint as ckpt
+from raygpt import recovery
 from raygpt.config import Config, OptimConfig, TrainConfig
 from raygpt.data import WindowDataset, load_manifest, num_windows
 from raygpt.errors import UserError
@@ -106,14 +106,12 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.A
 # ----------------------------------------------------------------------------- runtime
 
 
-def save_to_run_dir(run_dir: str) -> Callable[[dict[str, Any], str | None], None]:
+def save_to_run_dir(run_dir: str) -> Callable[[dict[str, Any], str | None, str | None], None]:
     """The report of a run without Ray: copy each checkpoint into the run folder."""
 
-    def report(metrics: dict[str, Any], folder: str | None) -> None:
-        if folder is not None:
-            fs, path = ckpt.filesystem(ckpt.join(run_dir, ckpt.checkpoint_name(metrics["step"])))
-            fs.create_dir(path, recursive=True)
-            pafs.copy_files(folder, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    def report(metrics: dict[str, Any], folder: str | None, name: str | None) -> None:
+        if folder is not None and name is not None:
+            ckpt.upload(folder, ckpt.join(run_dir, name))
 
     return report
 
@@ -125,13 +123,13 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    run_dir: str | None = None  # where rank 0 keeps the metrics log (a path or storage URI)
-    restore_from: str | None = None  # a local checkpoint folder to resume from
+    run_dir: str | None = None  # the run's folder (a path or storage URI): metrics log, checkpoints
+    fit_id: str = ""  # one per `fit`: tells a restart within it from a resume of an earlier one
     wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m
     wrap_loader: Callable[[DataLoader], DataLoader] = lambda d: d
     # Called on every rank at the same points (Ray's report is a barrier); the checkpoint folder
-    # is given on rank 0 only, and is deleted once report returns.
-    report: Callable[[dict[str, Any], str | None], None] = lambda metrics, folder: None
+    # and its name are given on rank 0 only, and the folder is deleted once report returns.
+    report: Callable[[dict[str, Any], str | None, str | None], None] = lambda metrics, folder, name: None
     log: Callable[[str], None] = print
 
 
@@ -142,6 +140,12 @@ class TrainState:
     batch_in_epoch: int = 0  # global batches consumed in this epoch
     tokens_seen: int = 0
     elapsed: float = 0.0  # wall seconds of training before this process took over
+
+    def checkpoint_fields(self, batch_size: int) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "samples_consumed": self.step * batch_size, "tokens_seen": self.tokens_seen,
+                # The metrics log is cut back to this step when a run restores this checkpoint.
+                "metrics_log_through_step": self.step}
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -154,6 +158,14 @@ def _mean_over_workers(value: float, rt: Runtime) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=rt.device if rt.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
     return t.item() / rt.world_size
+
+
+def _any_worker(flag: bool, rt: Runtime) -> bool:
+    if rt.world_size == 1 or not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=rt.device if rt.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return t.item() > 0
 
 
 @torch.no_grad()
@@ -183,6 +195,27 @@ def generate_sample(model: torch.nn.Module, prompt: str, device: torch.device, s
     return enc.decode(out[0].tolist())
 
 
+def _restore(rt: Runtime, cfg: Config) -> tuple[dict[str, Any], str] | None:
+    """Every rank loads the checkpoint rank 0 found to be the newest valid one in the run folder."""
+    if rt.run_dir is None:
+        return None
+    candidates = recovery.checkpoint_candidates(rt.run_dir)
+    if rt.world_size > 1 and dist.is_initialized():
+        # One choice for all ranks: rank 0 validates, the others load what it chose.
+        choice: list[Any] = [None]
+        if rt.rank == 0:
+            found = recovery.load_newest_valid(candidates, rt.log)
+            choice = [found[1] if found else None]
+        dist.broadcast_object_list(choice, src=0)
+        if choice[0] is None:
+            return None
+        if rt.rank == 0:
+            return found
+        with ckpt.temporary_dir() as tmp:
+            return ckpt.load_checkpoint(ckpt.download(choice[0], tmp)), choice[0]
+    return recovery.load_newest_valid(candidates, rt.log)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -196,19 +229,24 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
     model = GPTModel.from_config(m)
     optimizer = build_optimizer(model, o)
     state = TrainState()
-    metrics_rows: list[dict[str, Any]] = []
-    if rt.restore_from is not None:
-        restored = ckpt.load_checkpoint(rt.restore_from)
-        ckpt.check_same_shape(restored["state"]["config"]["model"], m, rt.restore_from)
-        model.load_state_dict(restored["model"])
-        optimizer.load_state_dict(restored["optimizer"])
-        s = restored["state"]
+    log_rows: list[dict[str, Any]] = []  # the metrics log: metric rows and restart events
+    if rank0 and cfg.fault.crash_at_step is not None:
+        rt.log(recovery.describe_fault(cfg.fault))
+    restored = _restore(rt, cfg)
+    if restored is not None:
+        loaded, uri = restored
+        ckpt.check_same_shape(loaded["state"]["config"]["model"], m, uri)
+        model.load_state_dict(loaded["model"])
+        optimizer.load_state_dict(loaded["optimizer"])
+        s = loaded["state"]
         state = TrainState(s["step"], s["epoch"], s["batch_in_epoch"], s["tokens_seen"], s["elapsed"])
-        if rank0 and rt.run_dir:
-            metrics_rows = [r for r in read_metrics(rt.run_dir) if r["step"] <= state.step]
         if rank0:
-            rt.log(f"resumed from {rt.restore_from} at step {state.step} (epoch {state.epoch})")
+            event = recovery.restart_event(rt.run_dir, rt.fit_id, state.step, uri)
+            rt.log(recovery.describe(event))
+            log_rows = [r for r in read_log(rt.run_dir) if "event" in r or r["step"] <= state.step] + [event]
     model = rt.wrap_model(model.to(rt.device))
+    progress = recovery.ProgressMarker(rt.run_dir, rt.fit_id) if rank0 and rt.run_dir else None
+    stop = recovery.StopRequest()
 
     stride = cfg.data.stride or m.context_len
     train_ds = WindowDataset(data_dir, "train", m.context_len, stride)
@@ -223,6 +261,10 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
         ds = train_ds if split == "train" else WindowDataset(data_dir, "val", m.context_len, m.context_len)
         es = DistributedSampler(ds, num_replicas=rt.world_size, rank=rt.rank, shuffle=False)
         eval_loaders[split] = DataLoader(ds, batch_size=plan.micro_batch, sampler=es, pin_memory=pin)
+
+    def checkpoint_state(elapsed: float, val_loss: float | None) -> dict[str, Any]:
+        return {**state.checkpoint_fields(t.batch_size), "elapsed": elapsed, "val_loss": val_loss,
+                "config": cfg.to_dict()}
 
     def report(step_tokens: int, step_seconds: float, save: bool) -> dict[str, Any]:
         raw = _unwrap(model)
@@ -241,74 +283,106 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
             sample = generate_sample(raw, t.start_context, rt.device, t.seed)
             rt.log(progress_line(metrics) + f"\n  sample: {sample!r}")
             if rt.run_dir:
-                metrics_rows.append({**metrics, "sample": sample})
-                ckpt.write_text(ckpt.join(rt.run_dir, METRICS_FILE),
-                                "".join(json.dumps(r) + "\n" for r in metrics_rows))
+                log_rows.append({**metrics, "sample": sample})
+                ckpt.write_text(ckpt.join(rt.run_dir, METRICS_FILE), "".join(json.dumps(r) + "\n" for r in log_rows))
         with contextlib.ExitStack() as stack:
-            folder = None
+            folder = name = None
             if save and rank0:
                 folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="raygpt-ckpt-"))
-                ckpt.save_checkpoint(folder, model, optimizer, {
-                    "step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
-                    "samples_consumed": state.step * t.batch_size, "tokens_seen": state.tokens_seen,
-                    "elapsed": metrics["elapsed"], "metrics_rows": len(metrics_rows),
-                    "val_loss": metrics["val_loss"], "config": cfg.to_dict(),
-                })
-            rt.report(metrics, folder)
+                name = recovery.unique_checkpoint_name(rt.run_dir, state.step)
+                ckpt.save_checkpoint(folder, model, optimizer, checkpoint_state(metrics["elapsed"], metrics["val_loss"]))
+            rt.report(metrics, folder, name)
         return metrics
+
+    def save_before_exit() -> None:
+        """SIGTERM: this rank writes the checkpoint itself (DDP replicas hold the same model and
+        optimizer state), straight into the run folder, then leaves; the restart resumes here."""
+        name = recovery.unique_checkpoint_name(rt.run_dir, state.step)
+        with tempfile.TemporaryDirectory(prefix="raygpt-ckpt-") as folder:
+            ckpt.save_checkpoint(folder, model, optimizer,
+                                 checkpoint_state(state.elapsed + time.perf_counter() - started, None))
+            if rt.run_dir:
+                ckpt.upload(folder, ckpt.join(rt.run_dir, name))
+        rt.log(f"SIGTERM on rank {rt.rank}: saved {name} at step {state.step} before exiting")
+        stop.saved.set()
+        raise recovery.Preempted(f"rank {rt.rank} stopped by SIGTERM after saving {name}")
 
     started = time.perf_counter()
     metrics: dict[str, Any] = {}
-    if state.step == 0:
-        metrics = report(0, 0.0, save=False)  # the untrained model: where the curves start
-    window_tokens, window_seconds = 0, 0.0
-    model.train()
-    while state.step < plan.total_steps:
-        sampler.set_position(state.epoch, state.batch_in_epoch)
-        batches = iter(loader)
-        while state.batch_in_epoch < plan.steps_per_epoch and state.step < plan.total_steps:
-            t0 = time.perf_counter()
-            lr = warmup_cosine_lr(state.step, plan.total_steps, o.warmup_steps, o.initial_lr, o.peak_lr, o.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            torch.manual_seed(step_seed(t.seed, state.epoch, state.step, rt.rank))
-            for micro in range(t.grad_accum_steps):
-                x, y = next(batches)
-                x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-                last = micro == t.grad_accum_steps - 1
-                sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-                with sync:
-                    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-                    (loss / t.grad_accum_steps).backward()
-            if should_clip(state.step, o.warmup_steps, o.clip_during_warmup):
-                clip_gradients(model.parameters(), o.max_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.batch_in_epoch += 1
-            # Every worker consumed b_local sequences (equal shares by construction): the sum.
-            state.tokens_seen += b_local * m.context_len * rt.world_size
-            window_tokens += t.batch_size * m.context_len
-            window_seconds += time.perf_counter() - t0
-            done = state.step >= plan.total_steps
-            save = state.step % t.save_freq == 0 or done
-            if save or state.step % t.eval_freq == 0:
-                metrics = report(window_tokens, window_seconds, save)
-                window_tokens, window_seconds = 0, 0.0
-        if state.batch_in_epoch >= plan.steps_per_epoch:
-            state.epoch += 1
-            state.batch_in_epoch = 0
+    try:
+        if state.step == 0:
+            metrics = report(0, 0.0, save=False)  # the untrained model: where the curves start
+        window_tokens, window_seconds = 0, 0.0
+        model.train()
+        while state.step < plan.total_steps:
+            sampler.set_position(state.epoch, state.batch_in_epoch)
+            batches = iter(loader)
+            while True:
+                t0 = time.perf_counter()
+                lr = warmup_cosine_lr(state.step, plan.total_steps, o.warmup_steps, o.initial_lr, o.peak_lr,
+                                      o.min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                torch.manual_seed(step_seed(t.seed, state.epoch, state.step, rt.rank))
+                for micro in range(t.grad_accum_steps):
+                    x, y = next(batches)
+                    x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+                    last = micro == t.grad_accum_steps - 1
+                    sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+                    with sync:
+                        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+                        (loss / t.grad_accum_steps).backward()
+                if should_clip(state.step, o.warmup_steps, o.clip_during_warmup):
+                    clip_gradients(model.parameters(), o.max_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.batch_in_epoch += 1
+                # Every worker consumed b_local sequences (equal shares by construction): the sum.
+                state.tokens_seen += b_local * m.context_len * rt.world_size
+                window_tokens += t.batch_size * m.context_len
+                window_seconds += time.perf_counter() - t0
+                epoch_done = state.batch_in_epoch >= plan.steps_per_epoch
+                if epoch_done:  # roll over now, so a checkpoint here says "next epoch, batch 0"
+                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                if progress:
+                    progress.step = state.step
+                if stop.requested.is_set():
+                    save_before_exit()
+                done = state.step >= plan.total_steps
+                save = state.step % t.save_freq == 0 or done
+                if save or state.step % t.eval_freq == 0:
+                    metrics = report(window_tokens, window_seconds, save)
+                    window_tokens, window_seconds = 0, 0.0
+                recovery.maybe_inject_fault(cfg.fault, state.step, rt.rank, rt.run_dir, rt.log)
+                if epoch_done or done:
+                    break
+    finally:
+        stop.close()
+        if progress:
+            progress.close()
     return metrics
 
 
 # ----------------------------------------------------------------------------- the metrics log
 
 
-def read_metrics(run_dir: str) -> list[dict[str, Any]]:
-    uri = ckpt.join(run_dir, METRICS_FILE)
-    if not ckpt.exists(uri):
+def read_log(run_dir: str | None) -> list[dict[str, Any]]:
+    """Every row of a run's metrics log: metrics, and events (rows with an "event" key)."""
+    uri = ckpt.join(run_dir, METRICS_FILE) if run_dir else None
+    if uri is None or not ckpt.exists(uri):
         return []
     return [json.loads(line) for line in ckpt.read_text(uri).splitlines() if line.strip()]
+
+
+def read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    """The metric rows of a run's log, one per eval, in step order."""
+    return [r for r in read_log(run_dir) if "event" not in r]
+
+
+def read_events(run_dir: str) -> list[dict[str, Any]]:
+    """Restarts and resumes, as the run logged them."""
+    return [r for r in read_log(run_dir) if "event" in r]
 
 
 def progress_line(m: dict[str, Any]) -> str:
@@ -319,9 +393,11 @@ def progress_line(m: dict[str, Any]) -> str:
     )
 
 
-def run_without_ray(cfg: Config, data_dir: str, run_dir: str, restore_from: str | None = None) -> dict[str, Any]:
-    """The same loop with no Ray: one process, or DDP under `torchrun` (gloo on CPU, NCCL on GPU)."""
+def run_without_ray(cfg: Config, data_dir: str, run_dir: str) -> dict[str, Any]:
+    """The same loop with no Ray: one process, or DDP under `torchrun` (gloo on CPU, NCCL on GPU).
+    A run folder that already holds checkpoints is resumed from the newest valid one."""
     import os
+    import uuid
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -336,8 +412,8 @@ def run_without_ray(cfg: Config, data_dir: str, run_dir: str, restore_from: str 
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None)
 
     cfg.run.num_workers = world  # the plan divides the batch over the processes actually running
-    rt = Runtime(rank=rank, world_size=world, device=device, run_dir=run_dir, restore_from=restore_from,
-                 wrap_model=ddp, report=save_to_run_dir(run_dir) if rank == 0 else (lambda m, f: None))
+    rt = Runtime(rank=rank, world_size=world, device=device, run_dir=run_dir, fit_id=uuid.uuid4().hex,
+                 wrap_model=ddp, report=save_to_run_dir(run_dir) if rank == 0 else (lambda m, f, n: None))
     try:
         return train_loop(cfg, data_dir, rt)
     finally:

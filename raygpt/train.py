@@ -3,12 +3,12 @@ failure handling and resume. The Ray-specific code is here and only here."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,14 +119,13 @@ def check_resources(cfg: Config) -> None:
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(r.resource_wait_s)
 
 
-def _ray_report(metrics: dict[str, Any], folder: str | None) -> None:
+def _ray_report(metrics: dict[str, Any], folder: str | None, name: str | None) -> None:
     import ray.train
 
     if folder is None:
         ray.train.report(metrics)
     else:
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                         checkpoint_dir_name=ckpt.checkpoint_name(metrics["step"]))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
 
 
 def _worker_log(line: str) -> None:
@@ -157,17 +156,17 @@ def ray_worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     _quiet_report_lines()
     torch.set_num_threads(max(1, int(cfg.run.cpus_per_worker)))
     ctx = ray.train.get_context()
-    checkpoint = ray.train.get_checkpoint()
-    with contextlib.ExitStack() as stack:
-        restore = stack.enter_context(checkpoint.as_directory()) if checkpoint else None
-        rt = Runtime(
-            rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), device=ray.train.torch.get_device(),
-            run_dir=loop_config["run_dir"], restore_from=restore,
-            wrap_model=ray.train.torch.prepare_model,
-            wrap_loader=lambda loader: ray.train.torch.prepare_data_loader(loader, move_to_device=False),
-            report=_ray_report, log=_worker_log,
-        )
-        return train_loop(cfg, loop_config["data_dir"], rt)
+    # The run restores from the newest valid checkpoint in its folder: the one Ray registered
+    # (ray.train.get_checkpoint) is there, and so may be newer ones Ray never registered (saved
+    # on SIGTERM, or written just before a hard kill).
+    rt = Runtime(
+        rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), device=ray.train.torch.get_device(),
+        run_dir=loop_config["run_dir"], fit_id=loop_config["fit_id"],
+        wrap_model=ray.train.torch.prepare_model,
+        wrap_loader=lambda loader: ray.train.torch.prepare_data_loader(loader, move_to_device=False),
+        report=_ray_report, log=_worker_log,
+    )
+    return train_loop(cfg, loop_config["data_dir"], rt)
 
 
 def build_trainer(cfg: Config, paths: RunPaths, data_dir: str, extra_callbacks: list | None = None):
@@ -179,7 +178,8 @@ def build_trainer(cfg: Config, paths: RunPaths, data_dir: str, extra_callbacks: 
     resources = {"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {})}
     return TorchTrainer(
         ray_worker_loop,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": paths.uri, "data_dir": data_dir},
+        train_loop_config={"config": cfg.to_dict(), "run_dir": paths.uri, "data_dir": data_dir,
+                           "fit_id": uuid.uuid4().hex},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=paths.name,

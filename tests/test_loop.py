@@ -1,13 +1,14 @@
 """The loop without Ray (one process): planning, accumulation, reproducibility, resume."""
 
 import json
+import shutil
 
 import pytest
 import torch
 
 from raygpt.config import TrainConfig
 from raygpt.errors import UserError
-from raygpt.loop import build_optimizer, plan_steps, read_metrics, run_without_ray, step_seed
+from raygpt.loop import build_optimizer, plan_steps, read_events, read_metrics, run_without_ray, step_seed
 from raygpt.model import GPTModel
 
 from helpers import make_corpus, tiny_config
@@ -22,9 +23,9 @@ def weights(run_dir, step):
     return torch.load(run_dir / f"checkpoint_{step:07d}" / "model.pt", weights_only=True)
 
 
-def run(cfg, data_dir, run_dir, restore=None):
+def run(cfg, data_dir, run_dir):
     torch.set_num_threads(1)
-    return run_without_ray(cfg, str(data_dir), str(run_dir), restore_from=restore)
+    return run_without_ray(cfg, str(data_dir), str(run_dir))
 
 
 # ----------------------------------------------------------------------------- planning
@@ -112,8 +113,27 @@ def test_resume_from_a_checkpoint_ends_where_an_uninterrupted_run_does(data_dir,
     cfg = tiny_config(data_dir, tmp_path, "model.dropout=0.1", "train.save_freq=5")
     run(cfg, data_dir, tmp_path / "whole")
     # A run that stopped after its step-5 checkpoint, continued from it in a new process's place.
-    run(cfg, data_dir, tmp_path / "part")
-    resumed = tmp_path / "resumed"
-    run(cfg, data_dir, resumed, restore=str(tmp_path / "part" / "checkpoint_0000005"))
-    a, b = weights(tmp_path / "whole", 12), weights(resumed, 12)
+    part = tmp_path / "part"
+    run(cfg, data_dir, part)
+    shutil.rmtree(part / "checkpoint_0000010")
+    shutil.rmtree(part / "checkpoint_0000012")
+    run(cfg, data_dir, part)
+    a, b = weights(tmp_path / "whole", 12), weights(part, 12)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    whole, resumed = read_metrics(str(tmp_path / "whole")), read_metrics(str(part))
+    assert [(r["step"], r["val_loss"]) for r in whole] == [(r["step"], r["val_loss"]) for r in resumed]
+    (event,) = read_events(str(part))
+    assert event["event"] == "resume" and event["restored_step"] == 5 and event["reached_step"] == 12
+
+
+def test_epochs_roll_over_and_resume_mid_epoch(data_dir, tmp_path):
+    # ~430 train windows / batch 8: 53 steps per epoch; 3 epochs with a checkpoint mid-epoch 2.
+    cfg = tiny_config(data_dir, tmp_path, "train.max_steps=120", "train.save_freq=60", "train.eval_freq=60")
+    final = run(cfg, data_dir, tmp_path / "whole")
+    assert final["epoch"] == 2
+    part = tmp_path / "part"
+    run(cfg, data_dir, part)
+    shutil.rmtree(part / "checkpoint_0000120")
+    run(cfg, data_dir, part)
+    a, b = weights(tmp_path / "whole", 120), weights(part, 120)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,182 @@
+"""Crash safety around the loop: restoring the newest valid checkpoint, saving one on SIGTERM,
+saying when a restart happened, and injecting faults to watch all of it work.
+
+Randomness needs no saved state: the loop reseeds every step from (seed, epoch, step, rank), and
+the data position is (epoch, global batches consumed). So any complete checkpoint, from any rank,
+resumes a run exactly, on any number of workers.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+from raygpt import checkpoint as ckpt
+from raygpt.errors import UserError
+
+PROGRESS_FILE = "progress.json"
+SIGTERM_SAVE_TIMEOUT_S = 120.0
+
+
+class InjectedFault(RuntimeError):
+    """The failure `fault.kind: raise` injects."""
+
+
+class Preempted(RuntimeError):
+    """Raised after the checkpoint a SIGTERM asked for is saved: this worker is going away."""
+
+
+# ----------------------------------------------------------------------------- restore
+
+
+def checkpoint_candidates(run_dir: str) -> list[str]:
+    """The run's checkpoint folders, newest first (names sort by step, then a -N suffix)."""
+    return list(reversed(ckpt.list_checkpoints(run_dir)))
+
+
+def unique_checkpoint_name(run_dir: str | None, step: int) -> str:
+    """checkpoint_<step>, or checkpoint_<step>-N when a run re-trains a step whose (damaged)
+    folder is still there: a checkpoint folder is never written twice."""
+    name = ckpt.checkpoint_name(step)
+    n = 0
+    while run_dir and ckpt.exists(ckpt.join(run_dir, name if n == 0 else f"{name}-{n}")):
+        n += 1
+    return name if n == 0 else f"{name}-{n}"
+
+
+def load_newest_valid(candidates: list[str], warn: Callable[[str], None]) -> tuple[dict[str, Any], str] | None:
+    """Load the first candidate that loads; a damaged or partial one is skipped with a warning.
+    None when there are no candidates; an error when every one is damaged (never silently
+    start over)."""
+    for uri in candidates:
+        try:
+            with ckpt.temporary_dir() as tmp:
+                return ckpt.load_checkpoint(ckpt.download(uri, tmp)), uri
+        except UserError as exc:
+            warn(f"warning: skipping checkpoint {uri}: {exc}")
+    if candidates:
+        raise UserError(f"none of the {len(candidates)} checkpoints in the run loads; see the warnings above")
+    return None
+
+
+# ----------------------------------------------------------------------------- restart reports
+
+
+class ProgressMarker:
+    """Rank 0 keeps `<run>/progress.json` ({"fit_id", "step"}) current within a second, from a
+    background thread (no storage write on the training path), so a restart can say how far the
+    run had got and how many steps it recomputes."""
+
+    def __init__(self, run_dir: str, fit_id: str, interval_s: float = 1.0):
+        self.uri = ckpt.join(run_dir, PROGRESS_FILE)
+        self.fit_id, self.interval_s = fit_id, interval_s
+        self.step, self._written = -1, -1
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="raygpt-progress", daemon=True)
+        self._thread.start()
+
+    def _write(self) -> None:
+        step = self.step
+        if step != self._written:
+            ckpt.write_text(self.uri, json.dumps({"fit_id": self.fit_id, "step": step}))
+            self._written = step
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._write()
+            except OSError:
+                pass  # storage hiccup: the next tick tries again
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._write()
+
+
+def restart_event(run_dir: str | None, fit_id: str, restored_step: int, checkpoint_uri: str) -> dict[str, Any]:
+    """What the metrics log and the progress output say about a restore: a `restart` (Ray
+    restarted the workers within this fit) or a `resume` (a new fit of an existing run)."""
+    progress: dict[str, Any] = {}
+    if run_dir and ckpt.exists(ckpt.join(run_dir, PROGRESS_FILE)):
+        progress = json.loads(ckpt.read_text(ckpt.join(run_dir, PROGRESS_FILE)))
+    reached = max(int(progress.get("step", restored_step)), restored_step)
+    return {
+        "event": "restart" if progress.get("fit_id") == fit_id else "resume",
+        "from_checkpoint": checkpoint_uri.rstrip("/").rsplit("/", 1)[-1],
+        "restored_step": restored_step,
+        "reached_step": reached,
+        "recomputed_steps": reached - restored_step,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def describe(event: dict[str, Any]) -> str:
+    what = "restart after a failure" if event["event"] == "restart" else "resume"
+    return (f"{what}: from {event['from_checkpoint']} (step {event['restored_step']}); the run had reached "
+            f"step {event['reached_step']}, {event['recomputed_steps']} steps recomputed")
+
+
+# ----------------------------------------------------------------------------- SIGTERM
+
+
+class StopRequest:
+    """Notices SIGTERM (what a spot preemption sends) so the loop can checkpoint before exiting.
+
+    In a plain process the handler just sets a flag. In a Ray worker the training loop runs
+    off the main thread, where no signal handler can be set; Ray's own handler turns SIGTERM
+    into SystemExit on the main thread, and while the interpreter exits the training thread
+    still runs. So an atexit hook sets the flag and waits for the loop to save at the end of
+    its current step.
+    """
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self.saved = threading.Event()
+        self._hooked = False
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: self.requested.set())
+        else:
+            atexit.register(self._at_exit)
+            self._hooked = True
+
+    def _at_exit(self) -> None:
+        self.requested.set()
+        self.saved.wait(timeout=SIGTERM_SAVE_TIMEOUT_S)
+
+    def close(self) -> None:
+        if self._hooked:
+            atexit.unregister(self._at_exit)
+        else:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# ----------------------------------------------------------------------------- fault injection
+
+
+def describe_fault(fault: Any) -> str:
+    if fault.crash_at_step is None:
+        return "fault injection: off"
+    return f"fault injection: ON ({fault.kind} on rank {fault.rank} after step {fault.crash_at_step}, fires once)"
+
+
+def maybe_inject_fault(fault: Any, step: int, rank: int, run_dir: str | None, log: Callable[[str], None]) -> None:
+    """Fail as configured, once: a marker in the run folder stops the restarted run repeating it."""
+    if fault.crash_at_step != step or fault.rank != rank or run_dir is None:
+        return
+    marker = ckpt.join(run_dir, f"fault-{fault.kind}-step{step}-rank{rank}.fired")
+    if ckpt.exists(marker):
+        return
+    ckpt.write_text(marker, time.strftime("%Y-%m-%dT%H:%M:%S%z\n"))
+    log(f"fault injection: {fault.kind} on rank {rank} after step {step}")
+    if fault.kind == "raise":
+        raise InjectedFault(f"injected fault after step {step} on rank {rank}")
+    if fault.kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fault.kind == "sigterm":
+        os.kill(os.getpid(), signal.SIGTERM)
