@@ -279,6 +279,8 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
             "elapsed": state.elapsed + (time.perf_counter() - started),
             "total_steps": plan.total_steps,
         }
+        if progress:
+            progress.flush()
         if rank0:
             sample = generate_sample(raw, t.start_context, rt.device, t.seed)
             rt.log(progress_line(metrics) + f"\n  sample: {sample!r}")
@@ -304,7 +306,6 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
             if rt.run_dir:
                 ckpt.upload(folder, ckpt.join(rt.run_dir, name))
         rt.log(f"SIGTERM on rank {rt.rank}: saved {name} at step {state.step} before exiting")
-        stop.saved.set()
         raise recovery.Preempted(f"rank {rt.rank} stopped by SIGTERM after saving {name}")
 
     started = time.perf_counter()
@@ -347,7 +348,7 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
                     state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 if progress:
                     progress.step = state.step
-                if stop.requested.is_set():
+                if stop.requested():
                     save_before_exit()
                 done = state.step >= plan.total_steps
                 save = state.step % t.save_freq == 0 or done

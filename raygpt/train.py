@@ -17,7 +17,8 @@ import yaml
 from raygpt import checkpoint as ckpt
 from raygpt.config import Config, apply_overrides, config_from_dict
 from raygpt.errors import UserError
-from raygpt.loop import METRICS_FILE, Runtime, StepPlan, plan_for, read_metrics, train_loop
+from raygpt.loop import METRICS_FILE, Runtime, StepPlan, plan_for, read_events, read_metrics, train_loop
+from raygpt.recovery import describe
 from raygpt.schedule import warmup_cosine_lr
 
 CONFIG_FILE = "config.yaml"
@@ -252,6 +253,8 @@ def train(cfg: Config, *, address: str | None = None, resume: str | None = None,
     log(f"done: {metrics.get('step')} steps, val loss {metrics.get('val_loss', float('nan')):.3f}, "
         f"{metrics.get('tokens_seen', 0):,} tokens")
     log(f"  checkpoints: {paths.uri} (latest {latest}; best {best.path if best else None})")
+    for event in read_events(paths.uri):
+        log(f"  {describe(event)}")
     log(f"  metrics: {ckpt.join(paths.uri, METRICS_FILE)}")
     log(f"  plot: {plot}")
     return {"run_dir": paths.uri, "name": paths.name, "metrics": metrics, "latest_checkpoint": latest,
