@@ -88,6 +88,47 @@ def _run_train(args: argparse.Namespace) -> None:
     train(cfg, address=args.address, resume=args.resume)
 
 
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="hyperparameter search: parallel Ray Tune trials with ASHA")
+    p.add_argument("--config", help="search YAML: a training config plus `search` and `tune` sections")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a base config key, or a tune setting as tune.KEY=VALUE")
+    p.add_argument("--address", help="Ray cluster to join: 'auto' or HOST:PORT (default: start a local Ray)")
+    p.add_argument("--resume", metavar="EXPERIMENT_DIR", help="continue an interrupted search")
+    p.set_defaults(func=_run_tune)
+
+
+def _run_tune(args: argparse.Namespace) -> None:
+    from raygpt.analysis import report
+    from raygpt.data import prepare
+    from raygpt.tune import load_search, resume_search, run_search
+
+    if args.resume:
+        experiment = resume_search(args.resume, address=args.address)
+    else:
+        if not args.config:
+            raise UserError("raygpt tune needs --config SEARCH.yaml (see jobs/tune.yaml) or --resume EXPERIMENT_DIR")
+        search = load_search(args.config, args.overrides)
+        data = search.base.get("data", {})
+        if data.get("source") and not os.path.isfile(os.path.join(data.get("dir", ""), "manifest.json")):
+            prepare(out=data["dir"], source=data["source"])
+        experiment = run_search(search, address=args.address)
+    report(experiment)
+
+
+def _add_analyze(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="table, best config, curves of a finished or running search")
+    p.add_argument("experiment", help="the experiment folder (or storage URI)")
+    p.add_argument("--out", help="where to write the table, best config and plot (default: the experiment folder)")
+    p.set_defaults(func=_run_analyze)
+
+
+def _run_analyze(args: argparse.Namespace) -> None:
+    from raygpt.analysis import report
+
+    report(args.experiment, args.out)
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="sample text from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder, a run folder, or a storage URI")
@@ -110,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prepare(sub)
     _add_train(sub)
+    _add_tune(sub)
+    _add_analyze(sub)
     _add_generate(sub)
     _add_bench(sub)
     return parser

@@ -1,0 +1,206 @@
+"""Result analysis of a search: a table of trials, the best config as YAML, curves, compute saved.
+
+It reads the experiment folder with Ray Tune's own `ExperimentAnalysis` (which re-bases every
+trial on the folder it is given) plus each trial's Train run folder (`train-<trial id>`: its
+metrics log and checkpoints). Every path it writes is relative to the experiment folder, so a
+finished experiment copied off a cluster's storage still analyses and its checkpoints still load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from raygpt import checkpoint as ckpt
+from raygpt.errors import UserError
+from raygpt.loop import read_metrics
+from raygpt.tune import SEARCH_FILE, TuneSettings
+
+TABLE = "trials"  # .csv and .parquet
+BEST_CONFIG = "best_config.yaml"
+CURVES = "val_loss_curves.png"
+
+
+@dataclass
+class Analysis:
+    experiment_dir: str
+    rows: list[dict[str, Any]]  # one per trial, best val_loss first
+    varied: list[str]  # the searched keys
+    curves: dict[str, list[dict[str, Any]]]  # trial id -> metric rows
+    settings: TuneSettings
+    tokens_trained: int
+    tokens_full_grid: int
+
+
+def _rung(stopped_at: float, settings: TuneSettings) -> int:
+    """The ASHA rung a trial stopped at: milestones grace_period x reduction_factor^k."""
+    k, milestone = 0, settings.grace_period
+    while milestone * settings.reduction_factor <= stopped_at + 1e-9:
+        milestone *= settings.reduction_factor
+        k += 1
+    return k
+
+
+def _best_checkpoint(run_dir: str) -> tuple[str | None, float]:
+    """The kept checkpoint with the lowest val_loss (from its state.json)."""
+    best, best_loss = None, math.inf
+    for uri in ckpt.list_checkpoints(run_dir):
+        state_uri = ckpt.join(uri, "state.json")
+        if not ckpt.exists(state_uri):
+            continue
+        loss = json.loads(ckpt.read_text(state_uri)).get("val_loss")
+        if loss is not None and loss < best_loss:
+            best, best_loss = uri, loss
+    return best, best_loss
+
+
+def _get(config: dict[str, Any], dotted: str) -> Any:
+    section, key = dotted.split(".", 1)
+    return config.get(section, {}).get(key)
+
+
+def analyze(experiment_dir: str) -> Analysis:
+    from ray.tune import ExperimentAnalysis
+
+    experiment_dir = ckpt.resolve_storage(experiment_dir).rstrip("/")
+    search_uri = ckpt.join(experiment_dir, SEARCH_FILE)
+    if not ckpt.exists(search_uri):
+        raise UserError(f"no raygpt experiment in {experiment_dir} (no {SEARCH_FILE})")
+    search = yaml.safe_load(ckpt.read_text(search_uri))
+    settings = TuneSettings(**search["tune"])
+    varied = list(search["search"])
+    try:
+        ea = ExperimentAnalysis(experiment_dir)
+    except ValueError:
+        raise UserError(f"no Tune experiment state in {experiment_dir}; the search never started") from None
+    rows, curves = [], {}
+    trained = full = 0
+    for trial in ea.trials:
+        cfg = trial.config["config"]
+        run_dir = ckpt.join(experiment_dir, f"train-{trial.trial_id}")
+        metrics = read_metrics(run_dir)
+        curves[trial.trial_id] = metrics
+        tokens_per_step = cfg["train"]["batch_size"] * cfg["model"]["context_len"]
+        total_steps = metrics[-1]["total_steps"] if metrics else None
+        last = metrics[-1] if metrics else {}
+        steps = last.get("step", 0)
+        tokens = last.get("tokens_seen", 0)
+        trained += tokens
+        full += (total_steps or 0) * tokens_per_step
+        finished_early = trial.status == "TERMINATED" and total_steps is not None and steps < total_steps
+        best_uri, _ = _best_checkpoint(run_dir)
+        time_value = steps if settings.time_attr == "step" else tokens
+        rows.append({
+            "trial_id": trial.trial_id,
+            **{key: _get(cfg, key) for key in varied},
+            "best_val_loss": min((r["val_loss"] for r in metrics), default=None),
+            "last_val_loss": last.get("val_loss"),
+            "steps": steps,
+            "total_steps": total_steps,
+            "tokens": tokens,
+            "stopped_early": finished_early,
+            "rung": _rung(time_value, settings) if finished_early else None,
+            "status": trial.status,
+            "best_checkpoint": os.path.relpath(best_uri, experiment_dir) if best_uri and not ckpt.is_uri(best_uri)
+            else (best_uri[len(experiment_dir) + 1:] if best_uri else None),
+        })
+    rows.sort(key=lambda r: (r["best_val_loss"] is None, r["best_val_loss"] if r["best_val_loss"] is not None else 0))
+    return Analysis(experiment_dir, rows, varied, curves, settings, trained, full)
+
+
+def best_config(analysis: Analysis) -> dict[str, Any]:
+    """The best trial's complete training config, as `raygpt train --config` takes it."""
+    from ray.tune import ExperimentAnalysis
+
+    best_id = analysis.rows[0]["trial_id"]
+    trial = next(t for t in ExperimentAnalysis(analysis.experiment_dir).trials if t.trial_id == best_id)
+    cfg = json.loads(json.dumps(trial.config["config"]))
+    cfg["run"]["name"] = None
+    return cfg
+
+
+def write_outputs(analysis: Analysis, out_dir: str | None = None) -> dict[str, str]:
+    """trials.csv, trials.parquet, best_config.yaml and val_loss_curves.png (in the experiment
+    folder unless `out_dir`); returns their paths."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    out = out_dir or analysis.experiment_dir
+    if ckpt.is_uri(out):
+        raise UserError("write the analysis to a local folder: pass --out DIR for an experiment on remote storage")
+    os.makedirs(out, exist_ok=True)
+    table = pa.Table.from_pylist(analysis.rows)
+    paths = {"csv": os.path.join(out, TABLE + ".csv"), "parquet": os.path.join(out, TABLE + ".parquet"),
+             "best_config": os.path.join(out, BEST_CONFIG), "curves": os.path.join(out, CURVES)}
+    pacsv.write_csv(table, paths["csv"])
+    pq.write_table(table, paths["parquet"])
+    with open(paths["best_config"], "w") as f:
+        f.write("# The best trial of the search; train it as is with: raygpt train --config best_config.yaml\n")
+        yaml.safe_dump(best_config(analysis), f, sort_keys=False)
+    plot_curves(analysis, paths["curves"])
+    return paths
+
+
+def plot_curves(analysis: Analysis, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attr = analysis.settings.time_attr
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for row in analysis.rows:
+        metrics = analysis.curves[row["trial_id"]]
+        if not metrics:
+            continue
+        xs, ys = [m[attr] for m in metrics], [m["val_loss"] for m in metrics]
+        label = ", ".join(f"{k.split('.')[-1]}={row[k]:.3g}" if isinstance(row[k], float) else f"{k.split('.')[-1]}={row[k]}"
+                          for k in analysis.varied)
+        (line,) = ax.plot(xs, ys, label=label, alpha=0.85)
+        if row["stopped_early"]:
+            ax.plot(xs[-1], ys[-1], marker="x", markersize=9, color=line.get_color())
+    ax.set_xlabel(attr.replace("_", " "))
+    ax.set_ylabel("val loss")
+    ax.set_title("val loss per trial (x: stopped early by ASHA)")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def format_table(analysis: Analysis) -> str:
+    keys = ["trial_id", *analysis.varied, "best_val_loss", "last_val_loss", "steps", "tokens", "stopped_early",
+            "rung", "status", "best_checkpoint"]
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "-" if v is None else str(v)
+
+    cells = [[cell(r[k]) for k in keys] for r in analysis.rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    lines = ["  ".join(k.ljust(w) for k, w in zip(keys, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    saved = 1 - analysis.tokens_trained / analysis.tokens_full_grid if analysis.tokens_full_grid else 0.0
+    lines.append(f"tokens trained: {analysis.tokens_trained:,} of {analysis.tokens_full_grid:,} for the full grid "
+                 f"({analysis.tokens_trained / max(analysis.tokens_full_grid, 1):.0%}; ASHA saved {saved:.0%})")
+    return "\n".join(lines)
+
+
+def report(experiment_dir: str, out_dir: str | None = None, log=print) -> Analysis:
+    """Analyse, print the table, write the outputs: what `raygpt analyze` does."""
+    analysis = analyze(experiment_dir)
+    if not analysis.rows:
+        raise UserError(f"experiment {experiment_dir} has no trials")
+    log(format_table(analysis))
+    paths = write_outputs(analysis, out_dir)
+    best = analysis.rows[0]
+    log(f"best trial {best['trial_id']}: val loss {best['best_val_loss']:.4f}, checkpoint {best['best_checkpoint']}")
+    log(f"wrote {paths['csv']}, {paths['parquet']}, {paths['best_config']}, {paths['curves']}")
+    return analysis
