@@ -19,7 +19,7 @@ import yaml
 from raygpt import checkpoint as ckpt
 from raygpt.errors import UserError
 from raygpt.loop import read_metrics
-from raygpt.tune import SEARCH_FILE, TuneSettings
+from raygpt.tune import SEARCH_FILE, TuneSettings, search_base, trial_config
 
 TABLE = "trials"  # .csv and .parquet
 BEST_CONFIG = "best_config.yaml"
@@ -32,6 +32,7 @@ class Analysis:
     rows: list[dict[str, Any]]  # one per trial, best val_loss first
     varied: list[str]  # the searched keys
     curves: dict[str, list[dict[str, Any]]]  # trial id -> metric rows
+    configs: dict[str, dict[str, Any]]  # trial id -> its complete training config
     settings: TuneSettings
     tokens_trained: int
     tokens_full_grid: int
@@ -59,11 +60,6 @@ def _best_checkpoint(run_dir: str) -> tuple[str | None, float]:
     return best, best_loss
 
 
-def _get(config: dict[str, Any], dotted: str) -> Any:
-    section, key = dotted.split(".", 1)
-    return config.get(section, {}).get(key)
-
-
 def analyze(experiment_dir: str) -> Analysis:
     from ray.tune import ExperimentAnalysis
 
@@ -78,13 +74,16 @@ def analyze(experiment_dir: str) -> Analysis:
         ea = ExperimentAnalysis(experiment_dir)
     except ValueError:
         raise UserError(f"no Tune experiment state in {experiment_dir}; the search never started") from None
-    rows, curves = [], {}
+    rows, curves, configs = [], {}, {}
     trained = full = 0
+    base = search_base(search)
     for trial in ea.trials:
-        cfg = trial.config["config"]
+        hp = trial.config["hp"]
+        cfg = trial_config(base, hp).to_dict()
         run_dir = ckpt.join(experiment_dir, f"train-{trial.trial_id}")
         metrics = read_metrics(run_dir)
         curves[trial.trial_id] = metrics
+        configs[trial.trial_id] = cfg
         tokens_per_step = cfg["train"]["batch_size"] * cfg["model"]["context_len"]
         total_steps = metrics[-1]["total_steps"] if metrics else None
         last = metrics[-1] if metrics else {}
@@ -97,7 +96,7 @@ def analyze(experiment_dir: str) -> Analysis:
         time_value = steps if settings.time_attr == "step" else tokens
         rows.append({
             "trial_id": trial.trial_id,
-            **{key: _get(cfg, key) for key in varied},
+            **{key: hp.get(key) for key in varied},
             "best_val_loss": min((r["val_loss"] for r in metrics), default=None),
             "last_val_loss": last.get("val_loss"),
             "steps": steps,
@@ -110,16 +109,12 @@ def analyze(experiment_dir: str) -> Analysis:
             else (best_uri[len(experiment_dir) + 1:] if best_uri else None),
         })
     rows.sort(key=lambda r: (r["best_val_loss"] is None, r["best_val_loss"] if r["best_val_loss"] is not None else 0))
-    return Analysis(experiment_dir, rows, varied, curves, settings, trained, full)
+    return Analysis(experiment_dir, rows, varied, curves, configs, settings, trained, full)
 
 
 def best_config(analysis: Analysis) -> dict[str, Any]:
     """The best trial's complete training config, as `raygpt train --config` takes it."""
-    from ray.tune import ExperimentAnalysis
-
-    best_id = analysis.rows[0]["trial_id"]
-    trial = next(t for t in ExperimentAnalysis(analysis.experiment_dir).trials if t.trial_id == best_id)
-    cfg = json.loads(json.dumps(trial.config["config"]))
+    cfg = analysis.configs[analysis.rows[0]["trial_id"]]
     cfg["run"]["name"] = None
     return cfg
 

@@ -55,6 +55,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     bp.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each side (default 2)")
     bp.add_argument("--threads", type=int, default=None, help="tokenizer threads (default: all cores)")
     bp.set_defaults(func=_run_bench_prepare)
+    bt = what.add_parser("tune", help="the same 16-configuration grid with and without ASHA")
+    bt.add_argument("--address", help="Ray cluster to join (default: start a local Ray)")
+    bt.set_defaults(func=_run_bench_tune)
 
 
 def _run_bench_prepare(args: argparse.Namespace) -> None:
@@ -144,6 +147,12 @@ def _run_generate(args: argparse.Namespace) -> None:
     from raygpt.generate import generate_text
 
     print(generate_text(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+
+
+def _run_bench_tune(args: argparse.Namespace) -> None:
+    from raygpt.bench import bench_tune
+
+    bench_tune(args.address)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -154,6 +154,14 @@ def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
     raw.setdefault(section, {})[key] = value
 
 
+def trial_config(base: dict[str, Any], overrides: dict[str, Any]) -> Config:
+    """The base training config with one trial's values set (validated)."""
+    raw = copy.deepcopy(base)
+    for key, value in overrides.items():
+        _set(raw, key, value)
+    return config_from_dict(raw)
+
+
 def expand(search: Search) -> tuple[list[Trial], list[str]]:
     """Every grid point x num_samples draws, applied to the base config and validated as the
     trainer would (including total steps over the data). Returns (trials, reasons rejected)."""
@@ -172,13 +180,9 @@ def expand(search: Search) -> tuple[list[Trial], list[str]]:
                     overrides[key] = rng.uniform(*values)
                 elif kind == "loguniform":
                     overrides[key] = math.exp(rng.uniform(math.log(values[0]), math.log(values[1])))
-            raw = copy.deepcopy(search.base)
-            for key, value in overrides.items():
-                _set(raw, key, value)
             try:
-                cfg = config_from_dict(raw)
+                cfg = trial_config(search.base, overrides)
                 plan = plan_for(cfg, cfg.data.dir)
-                cfg.data.dir = os.path.abspath(cfg.data.dir)  # trials run in their own folders
             except UserError as exc:
                 rejected.append(f"{_describe(overrides)}: {exc}")
                 continue
@@ -202,14 +206,21 @@ def tune_trial(params: dict[str, Any]) -> None:
 
     from raygpt.train import RunPaths, build_trainer
 
-    cfg = config_from_dict(params["config"])
-    run = RunPaths(params["experiment_dir"], f"train-{ray.tune.get_context().get_trial_id()}")
+    experiment_dir = params["experiment_dir"]
+    search = yaml.safe_load(ckpt.read_text(ckpt.join(experiment_dir, SEARCH_FILE)))
+    cfg = trial_config(search_base(search), params["hp"])
+    run = RunPaths(experiment_dir, f"train-{ray.tune.get_context().get_trial_id()}")
     cfg.run.name = run.name
     trainer = build_trainer(cfg, run, os.path.abspath(cfg.data.dir), extra_callbacks=[TuneReportCallback()])
     trainer.fit()
 
 
-def _trainable(max_workers_cpus: float):
+def search_base(search_file: dict[str, Any]) -> dict[str, Any]:
+    """The training config part of a saved search file."""
+    return {k: v for k, v in search_file.items() if k not in ("search", "tune")}
+
+
+def _trainable():
     import ray.tune
 
     # The trial driver only waits on its Train controller: a sliver of a CPU, so the cluster's
@@ -248,29 +259,32 @@ def run_search(search: Search, *, address: str | None = None, log=print) -> str:
         log(f"  rejected: {reason}")
     if not trials:
         raise UserError("every configuration of the search is rejected; nothing to launch")
-    base = trials[0].config
-    storage = ckpt.resolve_storage(base.run.storage_path)
+    first = trials[0].config
+    storage = ckpt.resolve_storage(first.run.storage_path)
     name = _experiment_name(s)
     experiment_dir = ckpt.join(storage, name)
     if ckpt.exists(experiment_dir):
         raise UserError(f"experiment {name} already exists in {storage}; use `raygpt tune --resume {experiment_dir}`")
     start_ray(address)
-    check_resources(base)
+    check_resources(first)
     max_t = s.max_t or max(t.total_steps if s.time_attr == "step" else t.total_tokens for t in trials)
+    # The saved search is what trials (and a resumed search) build their configs from; the data
+    # folder is made absolute because every trial runs in a folder of its own.
+    base = copy.deepcopy(search.base)
+    base.setdefault("data", {})["dir"] = trials[0].config.data.dir if ckpt.is_uri(trials[0].config.data.dir) \
+        else os.path.abspath(trials[0].config.data.dir)
     ckpt.write_text(ckpt.join(experiment_dir, SEARCH_FILE), yaml.safe_dump(
-        {**search.base, "search": search.space, "tune": {**vars(s), "name": name}}, sort_keys=False))
-    param_space = {
-        "experiment_dir": experiment_dir,
-        "config": ray.tune.grid_search([t.config.to_dict() for t in trials]),
-    }
+        {**base, "search": search.space, "tune": {**vars(s), "name": name}}, sort_keys=False))
+    # Only the searched values go into Tune's config: its status table shows them as they are.
+    param_space = {"experiment_dir": experiment_dir, "hp": ray.tune.grid_search([t.overrides for t in trials])}
     tuner = Tuner(
-        _trainable(base.run.num_workers * base.run.cpus_per_worker),
+        _trainable(),
         param_space=param_space,
         tune_config=TuneConfig(metric=s.metric, mode=s.mode, scheduler=_scheduler(s, max_t),
                                max_concurrent_trials=s.max_concurrent_trials or None),
         run_config=RunConfig(name=name, storage_path=storage),
     )
-    log(f"experiment {name}: {len(trials)} trials x {base.run.num_workers} workers, ASHA on {s.metric} "
+    log(f"experiment {name}: {len(trials)} trials x {first.run.num_workers} workers, ASHA on {s.metric} "
         f"by {s.time_attr} (grace {s.grace_period}, reduction {s.reduction_factor:g}, max_t {max_t})"
         if s.early_stopping else f"experiment {name}: {len(trials)} trials, no early stopping")
     tuner.fit()
@@ -289,5 +303,5 @@ def resume_search(experiment_dir: str, *, address: str | None = None, log=print)
         raise UserError(f"no raygpt experiment to resume in {experiment_dir}")
     start_ray(address)
     log(f"resuming experiment {experiment_dir}")
-    Tuner.restore(experiment_dir, trainable=_trainable(0), resume_unfinished=True, resume_errored=True).fit()
+    Tuner.restore(experiment_dir, trainable=_trainable(), resume_unfinished=True, resume_errored=True).fit()
     return experiment_dir
