@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # otherwise the package's torch range lets pip choose the (CUDA) build.
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo torch==2.13.0)
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo tune test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/raygpt train --config jobs/pretrain.yaml
+
+tune: $(STAMP)
+	$(VENV)/bin/raygpt tune --config jobs/tune.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
