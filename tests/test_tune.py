@@ -29,7 +29,10 @@ def data_dir(tmp_path_factory):
 def search_raw(data_dir, storage, space=None, **tune):
     base = tiny_config(data_dir, storage, "train.eval_freq=2", "train.save_freq=6", "run.num_to_keep=1").to_dict()
     base["run"]["name"] = None
-    return {**base, "search": space or {"optim.peak_lr": {"grid": [0.0001, 0.002, 0.005, 0.03]},
+    # Strong learning rates first: asynchronous ASHA judges a trial against those that reached the
+    # rung before it, so weak trials launched after strong ones are stopped (in the other order
+    # the weak ones set the bar and every trial may pass).
+    return {**base, "search": space or {"optim.peak_lr": {"grid": [0.03, 0.005, 0.002, 0.0001]},
                                         "train.batch_size": {"grid": [4, 8]}},
             "tune": {"grace_period": 2, "reduction_factor": 2, "max_concurrent_trials": 2, **tune}}
 
