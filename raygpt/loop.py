@@ -160,14 +160,6 @@ def _mean_over_workers(value: float, rt: Runtime) -> float:
     return t.item() / rt.world_size
 
 
-def _any_worker(flag: bool, rt: Runtime) -> bool:
-    if rt.world_size == 1 or not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=rt.device if rt.device.type == "cuda" else "cpu")
-    dist.all_reduce(t)
-    return t.item() > 0
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DataLoader, batches: int, rt: Runtime) -> float:
     """Mean cross-entropy over the first `batches` batches of `loader`, averaged over workers."""
