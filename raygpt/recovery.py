@@ -59,7 +59,9 @@ def load_newest_valid(candidates: list[str], warn: Callable[[str], None]) -> tup
         except UserError as exc:
             warn(f"warning: skipping checkpoint {uri}: {exc}")
     if candidates:
-        raise UserError(f"none of the {len(candidates)} checkpoints in the run loads; see the warnings above")
+        run = candidates[0].rstrip("/").rsplit("/", 1)[0]
+        raise UserError(f"none of the {len(candidates)} checkpoints in {run} loads (see the warnings above); "
+                        "move them aside to start the run over, or train under a new run.name")
     return None
 
 

@@ -12,6 +12,8 @@ import pytest
 import torch
 import yaml
 
+from raygpt.checkpoint import load_checkpoint
+from raygpt.errors import UserError
 from raygpt.loop import read_events, read_metrics
 from raygpt.train import TrainingFailed, train
 
@@ -86,16 +88,26 @@ def test_sigterm_saves_before_exit_so_the_restart_loses_no_step(ray_address, dat
     assert event["event"] == "restart" and event["restored_step"] >= 7 and event["recomputed_steps"] == 0
 
 
+def _loads(folder) -> bool:
+    try:
+        load_checkpoint(folder)
+        return True
+    except UserError:
+        return False
+
+
 def test_driver_killed_then_resumed_from_a_new_process(ray_address, data_dir, reference, tmp_path, run_cli):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(yaml.safe_dump(config(data_dir, tmp_path, "run.name=d").to_dict()))
     driver = subprocess.Popen([BIN / "raygpt", "train", "--config", str(cfg_file), "--address", ray_address],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = tmp_path / "d" / "checkpoint_0000004" / "state.json"
+    first = tmp_path / "d" / "checkpoint_0000004"
     deadline = time.time() + 180
-    while not marker.exists() and time.time() < deadline and driver.poll() is None:
+    # Ray uploads a checkpoint's files in no set order: wait until every file of it loads, so the
+    # resume below has a complete checkpoint (a partial one is the corrupt-checkpoint test's case).
+    while not _loads(first) and time.time() < deadline and driver.poll() is None:
         time.sleep(0.2)
-    assert marker.exists(), "the run never reached its first checkpoint"
+    assert _loads(first), "the run never completed its first checkpoint"
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     import ray
