@@ -16,7 +16,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--source", choices=["stdlib"], help="a built-in corpus: this Python's standard library sources")
     p.add_argument("--config", help="a raygpt YAML config: its data.dir and model.context_len become defaults")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--out", help="output folder (default: the config's data.dir, else data/stdlib)")
+    p.add_argument("--out", help="output folder or storage URI, e.g. s3://bucket/data "
+                   "(default: the config's data.dir, else data/stdlib)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of documents for val (default 0.1)")
     p.add_argument("--context-len", type=int, help="check the corpus holds one window (default: config or 1024)")
     p.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard file (default 32Mi)")
@@ -27,7 +28,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 def _run_prepare(args: argparse.Namespace) -> None:
     from raygpt.config import load_config
-    from raygpt.data import DEFAULT_SHARD_TOKENS, prepare
+    from raygpt.data import DEFAULT_SHARD_TOKENS
+    from raygpt.shared_data import prepare_to
 
     out, context_len = args.out, args.context_len
     if args.config or args.overrides:
@@ -41,8 +43,8 @@ def _run_prepare(args: argparse.Namespace) -> None:
             raise UserError("nothing to prepare: give input paths/globs or --source stdlib")
     if args.inputs and not out:
         raise UserError("--out is required with input paths (e.g. --out data/mycorpus)")
-    prepare(
-        args.inputs, out or "data/stdlib", source=args.source, val_fraction=args.val_fraction,
+    prepare_to(
+        out or "data/stdlib", inputs=args.inputs, source=args.source, val_fraction=args.val_fraction,
         context_len=context_len or 1024, shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS,
         threads=args.threads, force=args.force,
     )
@@ -77,7 +79,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> None:
     from raygpt.config import load_config
-    from raygpt.data import load_manifest, prepare
+    from raygpt.data import load_manifest
+    from raygpt.shared_data import has_manifest, prepare_to
     from raygpt.train import resume_paths, run_config, train
 
     if args.resume and not args.config:
@@ -85,8 +88,8 @@ def _run_train(args: argparse.Namespace) -> None:
         cfg = run_config(resume_paths(args.resume, storage.run.storage_path), args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
-    if cfg.data.source and not os.path.isfile(os.path.join(cfg.data.dir, "manifest.json")):
-        prepare(out=cfg.data.dir, source=cfg.data.source, context_len=cfg.model.context_len)
+    if cfg.data.source and not has_manifest(cfg.data.dir):
+        prepare_to(cfg.data.dir, source=cfg.data.source, context_len=cfg.model.context_len)
     load_manifest(cfg.data.dir)
     train(cfg, address=args.address, resume=args.resume)
 
@@ -103,7 +106,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
 
 def _run_tune(args: argparse.Namespace) -> None:
     from raygpt.analysis import report
-    from raygpt.data import prepare
+    from raygpt.shared_data import has_manifest, prepare_to
     from raygpt.tune import load_search, resume_search, run_search
 
     if args.resume:
@@ -113,8 +116,8 @@ def _run_tune(args: argparse.Namespace) -> None:
             raise UserError("raygpt tune needs --config SEARCH.yaml (see jobs/tune.yaml) or --resume EXPERIMENT_DIR")
         search = load_search(args.config, args.overrides)
         data = search.base.get("data", {})
-        if data.get("source") and not os.path.isfile(os.path.join(data.get("dir", ""), "manifest.json")):
-            prepare(out=data["dir"], source=data["source"])
+        if data.get("source") and not has_manifest(data.get("dir", "")):
+            prepare_to(data["dir"], source=data["source"])
         experiment = run_search(search, address=args.address)
     report(experiment)
 

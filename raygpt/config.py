@@ -31,7 +31,7 @@ class ModelConfig(GPTConfig):
 
 @dataclass
 class DataConfig:
-    dir: str = "data/stdlib"  # a folder written by `raygpt prepare`
+    dir: str = "data/stdlib"  # written by `raygpt prepare`: a folder (local or NFS) or a URI (s3://, gs://)
     source: str | None = None  # "stdlib": `raygpt train` prepares `dir` from it when missing
     stride: int | None = None  # window stride; None means context_len (non-overlapping, as the seed)
 
@@ -72,6 +72,7 @@ class RunConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # when use_gpu; each worker trains on one device either way
     max_failures: int = 0  # worker-group restarts Ray Train may make from the latest checkpoint
     num_to_keep: int = 2  # checkpoints kept, best by val_loss (the latest is always kept too)
     resource_wait_s: float = 60.0  # how long to wait for workers' resources (an autoscaler adding nodes)
@@ -255,7 +256,8 @@ def validate(cfg: Config) -> None:
         "train.max_tokens": t.max_tokens, "train.grad_accum_steps": t.grad_accum_steps,
         "train.eval_freq": t.eval_freq, "train.eval_iter": t.eval_iter,
         "train.save_freq": t.save_freq, "run.num_workers": r.num_workers,
-        "run.cpus_per_worker": r.cpus_per_worker, "run.num_to_keep": r.num_to_keep,
+        "run.cpus_per_worker": r.cpus_per_worker, "run.gpus_per_worker": r.gpus_per_worker,
+        "run.num_to_keep": r.num_to_keep,
         "run.resource_wait_s": r.resource_wait_s,
         "optim.peak_lr": o.peak_lr, "optim.max_norm": o.max_norm, "optim.eps": o.eps,
     }

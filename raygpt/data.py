@@ -224,7 +224,9 @@ class _SplitWriter:
         joined = np.concatenate(self.buffer)
         name = f"{self.split}-{len(self.shards):05d}.arrow"
         write_shard(self.folder / name, joined[:n])
-        self.shards.append({"file": name, "tokens": int(n)})
+        # Size and hash let a node verify its copy of a shard fetched from shared storage.
+        self.shards.append({"file": name, "tokens": int(n), "bytes": (self.folder / name).stat().st_size,
+                            "sha256": file_sha256(self.folder / name)})
         rest = joined[n:]
         self.buffer, self.buffered = ([rest] if len(rest) else []), len(rest)
 
@@ -282,10 +284,13 @@ def _tokenize_parallel(documents: Iterator[str], threads: int) -> Iterator[np.nd
 
 
 def load_manifest(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
+    """The manifest of a prepared folder: local, NFS, or a storage URI (s3://, gs://, file://)."""
+    from raygpt import checkpoint as storage
+
+    uri = storage.join(str(folder), MANIFEST)
+    if not (storage.exists(uri) if storage.is_uri(str(folder)) else os.path.isfile(uri)):
         raise UserError(f"no {MANIFEST} in {folder}: run `raygpt prepare` to build the token shards first")
-    return json.loads(path.read_text())
+    return json.loads(storage.read_text(uri) if storage.is_uri(str(folder)) else Path(uri).read_text())
 
 
 def _check_windows(manifest: dict[str, Any], context_len: int) -> None:

@@ -26,6 +26,7 @@ from raygpt import checkpoint as ckpt
 from raygpt import recovery
 from raygpt.config import Config, OptimConfig, TrainConfig
 from raygpt.data import WindowDataset, load_manifest, num_windows
+from raygpt.shared_data import local_shards
 from raygpt.errors import UserError
 from raygpt.model import GPTModel
 from raygpt.sampler import GlobalBatchSampler
@@ -215,6 +216,8 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
     t, o, m = cfg.train, cfg.optim, cfg.model
     rank0 = rt.rank == 0
     plan = plan_for(cfg, data_dir)
+    # Shards on a storage URI are copied to this node's disk once, then memory-mapped.
+    data_dir = local_shards(data_dir, log=rt.log if rank0 else lambda line: None)
     b_local = t.batch_size // rt.world_size
 
     torch.manual_seed(t.seed)

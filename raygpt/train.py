@@ -97,27 +97,77 @@ def start_ray(address: str | None) -> None:
         raise UserError(f"cannot connect to a Ray cluster at {address!r}: {exc}") from None
 
 
+def worker_resources(cfg: Config) -> dict[str, float]:
+    r = cfg.run
+    return {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
+
+
+def _shape(resources: dict[str, float], keys) -> str:
+    return ", ".join(f"{resources.get(k, 0):g} {k}" for k in keys)
+
+
 def check_resources(cfg: Config) -> None:
-    """Fail at once when the run can never fit; with an autoscaler, wait a bounded time."""
+    """Fail at once when the run can never fit: one worker larger than every node (and every node
+    type an autoscaler can add), or all of them more than the cluster can ever hold. With an
+    autoscaler, Ray Train then waits at most run.resource_wait_s for the nodes to come."""
     import ray
     from ray._private.state import state
 
     r = cfg.run
-    need = {"CPU": r.num_workers * r.cpus_per_worker}
-    if r.use_gpu:
-        need["GPU"] = r.num_workers * 1.0
+    per_worker = worker_resources(cfg)
+    shapes = [(f"node {n['NodeManagerAddress']}", n["Resources"]) for n in ray.nodes() if n["Alive"]]
+    autoscaler = state.get_cluster_config()
+    if autoscaler is not None:
+        shapes += [(f"node type {g.name}", dict(g.resources)) for g in autoscaler.node_group_configs if g.max_count]
+    if not any(all(have.get(k, 0) >= v for k, v in per_worker.items()) for _, have in shapes):
+        offered = "; ".join(f"{name}: {_shape(have, per_worker)}" for name, have in shapes)
+        raise UserError(f"each worker asks for {_shape(per_worker, per_worker)} (run.cpus_per_worker"
+                        f"{', run.gpus_per_worker' if r.use_gpu else ''}) but no node offers that ({offered})")
     largest = state.get_max_resources_from_cluster_config()  # None: no autoscaler
     have = largest if largest else ray.cluster_resources()
-    for resource, amount in need.items():
-        if amount > have.get(resource, 0):
+    for resource, amount in per_worker.items():
+        if amount * r.num_workers > have.get(resource, 0):
             kind = "can grow to at most" if largest else "has"
             raise UserError(
-                f"the run asks for {amount:g} {resource} ({r.num_workers} workers x "
-                f"{r.cpus_per_worker if resource == 'CPU' else 1:g}) but the cluster {kind} "
-                f"{have.get(resource, 0):g} {resource}"
+                f"the run asks for {amount * r.num_workers:g} {resource} ({r.num_workers} workers x "
+                f"{amount:g}) but the cluster {kind} {have.get(resource, 0):g} {resource}"
             )
     # Ray Train waits this long for the workers' resources (an autoscaler may be adding nodes).
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(r.resource_wait_s)
+
+
+def missing_here(paths: dict[str, str]) -> list[str]:
+    """Which of the local paths ({what: path}; URIs are skipped) this process cannot see."""
+    return [f"{what} {path}" for what, path in paths.items() if not ckpt.is_uri(path) and not os.path.exists(path)]
+
+
+def _not_shared(missing: list[str], node: str) -> UserError:
+    return UserError(f"{' and '.join(missing)} not visible on node {node}: on a multi-node cluster, "
+                     "put data.dir and run.storage_path on shared storage (s3://, gs://, or an NFS "
+                     "mount at the same path on every node)")
+
+
+def check_paths_on_nodes(paths: dict[str, str], timeout_s: float = 120.0) -> None:
+    """Every live node must see the run's local paths (URIs are reachable by construction): a
+    head-local folder on a multi-node cluster is caught here, before any worker starts. Nodes an
+    autoscaler adds later are checked by the workers themselves (ray_worker_loop)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    local = {k: v for k, v in paths.items() if not ckpt.is_uri(v)}
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if not local or (len(nodes) <= 1 and not missing_here(local)):
+        return  # one node, and this process (on it) sees the paths
+    check = ray.remote(num_cpus=0)(missing_here)
+    refs = {n["NodeManagerAddress"]: check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["NodeID"], soft=False)).remote(local) for n in nodes}
+    for node, ref in refs.items():
+        try:
+            missing = ray.get(ref, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise UserError(f"node {node} did not answer a path check within {timeout_s:g} s") from None
+        if missing:
+            raise _not_shared(missing, node)
 
 
 def _ray_report(metrics: dict[str, Any], folder: str | None, name: str | None) -> None:
@@ -155,6 +205,9 @@ def ray_worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     cfg = config_from_dict(loop_config["config"])
     _quiet_report_lines()
+    missing = missing_here({"data.dir": loop_config["data_dir"], "run folder": loop_config["run_dir"]})
+    if missing:  # a node the autoscaler added after the driver's check, without the shared mount
+        raise _not_shared(missing, ray.util.get_node_ip_address())
     torch.set_num_threads(max(1, int(cfg.run.cpus_per_worker)))
     ctx = ray.train.get_context()
     # The run restores from the newest valid checkpoint in its folder: the one Ray registered
@@ -176,7 +229,7 @@ def build_trainer(cfg: Config, paths: RunPaths, data_dir: str, extra_callbacks: 
     from ray.train.torch import TorchTrainer
 
     r = cfg.run
-    resources = {"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {})}
+    resources = worker_resources(cfg)
     return TorchTrainer(
         ray_worker_loop,
         train_loop_config={"config": cfg.to_dict(), "run_dir": paths.uri, "data_dir": data_dir,
@@ -223,7 +276,7 @@ def write_plot(cfg: Config, plan: StepPlan, run_uri: str) -> str:
 
 def train(cfg: Config, *, address: str | None = None, resume: str | None = None, log=print) -> dict[str, Any]:
     """Train `cfg` on Ray (a new run, or `resume` an existing one); return a summary dict."""
-    data_dir = os.path.abspath(cfg.data.dir)
+    data_dir = ckpt.resolve_storage(cfg.data.dir)
     plan = plan_for(cfg, data_dir)  # validates data and batch arithmetic before Ray starts
     if resume:
         paths = resume_paths(resume, cfg.run.storage_path)
@@ -237,6 +290,7 @@ def train(cfg: Config, *, address: str | None = None, resume: str | None = None,
     start_ray(address)
     check_resources(cfg)
     ckpt.write_text(ckpt.join(paths.uri, CONFIG_FILE), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    check_paths_on_nodes({"data.dir": data_dir, "run folder": paths.uri})
     log(f"run {paths.name}: {cfg.run.num_workers} workers, {plan.total_steps} steps of "
         f"{cfg.train.batch_size} x {cfg.model.context_len} tokens -> {paths.uri}")
 

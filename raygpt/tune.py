@@ -211,7 +211,7 @@ def tune_trial(params: dict[str, Any]) -> None:
     cfg = trial_config(search_base(search), params["hp"])
     run = RunPaths(experiment_dir, f"train-{ray.tune.get_context().get_trial_id()}")
     cfg.run.name = run.name
-    trainer = build_trainer(cfg, run, os.path.abspath(cfg.data.dir), extra_callbacks=[TuneReportCallback()])
+    trainer = build_trainer(cfg, run, ckpt.resolve_storage(cfg.data.dir), extra_callbacks=[TuneReportCallback()])
     trainer.fit()
 
 
@@ -249,7 +249,7 @@ def run_search(search: Search, *, address: str | None = None, log=print) -> str:
     import ray.tune
     from ray.tune import RunConfig, TuneConfig, Tuner
 
-    from raygpt.train import check_resources, start_ray
+    from raygpt.train import check_paths_on_nodes, check_resources, start_ray
 
     trials, rejected = expand(search)
     s = search.settings
@@ -275,6 +275,7 @@ def run_search(search: Search, *, address: str | None = None, log=print) -> str:
         else os.path.abspath(trials[0].config.data.dir)
     ckpt.write_text(ckpt.join(experiment_dir, SEARCH_FILE), yaml.safe_dump(
         {**base, "search": search.space, "tune": {**vars(s), "name": name}}, sort_keys=False))
+    check_paths_on_nodes({"data.dir": base["data"]["dir"], "experiment folder": experiment_dir})
     # Only the searched values go into Tune's config: its status table shows them as they are.
     param_space = {"experiment_dir": experiment_dir, "hp": ray.tune.grid_search([t.overrides for t in trials])}
     tuner = Tuner(

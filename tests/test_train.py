@@ -182,3 +182,29 @@ def test_more_workers_than_the_cluster_has_fails_at_once(ray_address, data_dir, 
     cfg = tiny_config(data_dir, tmp_path, "run.num_workers=4")
     with pytest.raises(UserError, match=r"asks for 4 CPU \(4 workers x 1\) but the cluster has 2 CPU"):
         train(cfg, address=ray_address, log=lambda *a: None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides, asked", [
+    (["run.cpus_per_worker=3"], "3 CPU"),
+    (["run.use_gpu=true", "run.gpus_per_worker=2"], "1 CPU, 2 GPU"),
+])
+def test_a_worker_larger_than_every_node_fails_at_once(ray_address, data_dir, tmp_path, overrides, asked):
+    cfg = tiny_config(data_dir, tmp_path, *overrides)
+    with pytest.raises(UserError, match=rf"each worker asks for {asked} .* but no node offers that \(node [0-9.]+: "):
+        train(cfg, address=ray_address, log=lambda *a: None)
+    assert not (tmp_path / cfg.run.name if cfg.run.name else tmp_path).joinpath("config.yaml").exists()
+
+
+@pytest.mark.slow
+def test_a_path_a_node_cannot_see_is_named_before_training(ray_address, tmp_path):
+    from raygpt.train import check_paths_on_nodes, missing_here
+
+    assert missing_here({"data.dir": str(tmp_path), "run folder": "s3://bucket/runs/x"}) == []
+    # This cluster has one node; the check runs there (as on every node of a bigger cluster).
+    import ray
+
+    check = ray.remote(num_cpus=0)(missing_here)
+    assert ray.get(check.remote({"data.dir": str(tmp_path / "nope")})) == [f"data.dir {tmp_path / 'nope'}"]
+    with pytest.raises(UserError, match=r"data.dir .*nope not visible on node [0-9.]+: .*shared storage"):
+        check_paths_on_nodes({"data.dir": str(tmp_path / "nope")})

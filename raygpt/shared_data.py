@@ -1,0 +1,134 @@
+"""Token shards on shared storage, for clusters.
+
+A prepared folder may live on any pyarrow filesystem (s3://, gs://, file://) or on an NFS mount.
+`prepare_to` writes one there: it builds locally, then uploads the shards and the manifest last
+(a folder with a manifest is complete). `local_shards` gives a training worker a folder it can
+memory-map: a local or NFS folder as it is; for a URI, this node's copy in its cache, fetched once
+per node (the workers of a node take turns through a file lock), verified against the manifest
+(size and sha256 of every shard) and reused while the manifest is unchanged.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow.fs as pafs
+
+from raygpt import checkpoint as storage
+from raygpt import data
+from raygpt.errors import UserError
+
+CACHE_ENV = "RAYGPT_DATA_CACHE"
+
+
+def cache_root() -> Path:
+    """Where a node keeps its copies of shards: $RAYGPT_DATA_CACHE, else ~/.cache/raygpt/data."""
+    return Path(os.environ.get(CACHE_ENV) or "~/.cache/raygpt/data").expanduser()
+
+
+def has_manifest(folder: str) -> bool:
+    uri = storage.join(folder, data.MANIFEST)
+    return storage.exists(uri) if storage.is_uri(folder) else os.path.isfile(uri)
+
+
+def shard_entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    return [s for split in data.SPLITS for s in manifest["splits"][split]["shards"]]
+
+
+def shard_problem(folder: Path, manifest: dict[str, Any], full: bool = True) -> str | None:
+    """What is wrong with the shards in `folder` against the manifest, or None. `full` checks
+    content hashes; otherwise only sizes (cheap enough for every start)."""
+    for entry in shard_entries(manifest):
+        path = folder / entry["file"]
+        if not path.is_file():
+            return f"{entry['file']} is missing"
+        if "bytes" in entry and path.stat().st_size != entry["bytes"]:
+            return f"{entry['file']} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
+        if full and "sha256" in entry and data.file_sha256(path) != entry["sha256"]:
+            return f"{entry['file']} differs from the manifest's sha256"
+        if full and "sha256" not in entry and len(data.read_shard(path)) != entry["tokens"]:
+            return f"{entry['file']} does not hold the manifest's {entry['tokens']} tokens"
+    return None
+
+
+def local_shards(folder: str, log: Callable[[str], None] = print) -> str:
+    """A local folder holding `folder`'s shards, copied to this node's cache when it is a URI."""
+    if not storage.is_uri(folder):
+        return folder
+    manifest_text = storage.read_text(storage.join(folder, data.MANIFEST))
+    manifest = json.loads(manifest_text)
+    key = hashlib.sha256(folder.rstrip("/").encode()).hexdigest()[:12]
+    target = cache_root() / f"{key}-{manifest['fingerprint'][:12]}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{target}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one copy per node; the other workers wait, then reuse it
+        cached = target / data.MANIFEST
+        if cached.is_file() and cached.read_text() == manifest_text and shard_problem(target, manifest, full=False) is None:
+            return str(target)
+        start = time.perf_counter()
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            fs, path = storage.filesystem(folder)
+            for entry in shard_entries(manifest):
+                pafs.copy_files(f"{path.rstrip('/')}/{entry['file']}", str(tmp / entry["file"]),
+                                source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            problem = shard_problem(tmp, manifest)
+            if problem:
+                raise UserError(f"the shards at {folder} do not match their manifest: {problem}; run `raygpt prepare` again")
+            (tmp / data.MANIFEST).write_text(manifest_text)
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        # Copies of older versions of the same folder only take disk space now.
+        for old in target.parent.glob(f"{key}-*"):
+            if old.is_dir() and old != target and ".tmp-" not in old.name:
+                shutil.rmtree(old, ignore_errors=True)
+        size = sum(e.get("bytes", 0) for e in shard_entries(manifest))
+        log(f"copied {len(shard_entries(manifest))} shards ({size / 2**20:.1f} MiB) from {folder} "
+            f"to {target} in {time.perf_counter() - start:.1f} s")
+    return str(target)
+
+
+def prepare_to(out: str, log: Callable[[str], None] = print, **options: Any) -> dict[str, Any]:
+    """`data.prepare` into `out`, a local folder or a storage URI (built locally, then uploaded:
+    shards first, the manifest last; a no-op when the manifest there matches the inputs)."""
+    if not storage.is_uri(out):
+        return data.prepare(out=out, log=log, **options)
+    fs, path = storage.filesystem(out)
+    path = path.rstrip("/")
+    remote = {i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))}
+    foreign = sorted(n for n in remote if n != data.MANIFEST and not n.endswith(".arrow"))
+    if foreign:
+        raise UserError(f"output {out} holds files raygpt did not write ({', '.join(foreign[:3])}); choose another --out")
+    with storage.temporary_dir() as tmp:
+        local = Path(tmp) / "data"
+        local.mkdir()
+        old = None
+        if data.MANIFEST in remote:
+            old = storage.read_text(f"{out.rstrip('/')}/{data.MANIFEST}")
+            (local / data.MANIFEST).write_text(old)  # lets prepare see an up-to-date output
+        manifest = data.prepare(out=local, log=lambda line: log(line.replace(str(local), out)), **options)
+        if old is not None and json.loads(old) == manifest:
+            return manifest
+        if data.MANIFEST in remote:
+            fs.delete_file(f"{path}/{data.MANIFEST}")  # until the new shards are all there
+        names = {e["file"] for e in shard_entries(manifest)}
+        fs.create_dir(path, recursive=True)
+        for name in sorted(names):
+            pafs.copy_files(str(local / name), f"{path}/{name}", source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=fs)
+        for stale in remote - names - {data.MANIFEST}:
+            fs.delete_file(f"{path}/{stale}")
+        storage.write_text(f"{out.rstrip('/')}/{data.MANIFEST}", (local / data.MANIFEST).read_text())
+        log(f"uploaded {len(names)} shards and {data.MANIFEST} to {out}")
+    return manifest
