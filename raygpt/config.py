@@ -139,13 +139,16 @@ def _parse_override(item: str) -> tuple[str, str, _Override]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` strings to a raw config dict (values typed when the section is built)."""
+    """Apply `section.key=value` strings to a raw config dict. A known key's value is read by its
+    field's type at once (the dict stays plain YAML data); an unknown key keeps its text, for the
+    unknown-key check to name when the config is built."""
     for item in overrides:
         section, name, value = _parse_override(item)
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise UserError(f"config section {section!r} must be a mapping, got {raw[section]!r}")
-        raw[section][name] = value
+        hint = typing.get_type_hints(SECTIONS[section]).get(name) if section in SECTIONS else None
+        raw[section][name] = value if hint is None else value.resolve(hint)
     return raw
 
 

@@ -38,45 +38,104 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def ray_address():
-    """One real local Ray head for the whole test session (dashboard on, token auth on), started
-    with `ray start --head --block` and stopped by its PID (never `ray stop`, which would hit
-    every Ray on the machine). This process is connected to it; the address is yielded."""
-    import ray
+class RayHead:
+    """A real Ray head, `ray start --head --block` in the background, stopped by its PID (never
+    `ray stop`, which would hit every Ray on the machine). Everything it started (fake nodes of an
+    autoscaler included) runs with its own temp dir on the command line, so `stop` can find and
+    end whatever outlived the head."""
 
-    subprocess.run([BIN / "ray", "get-auth-token", "--generate"], check=True, capture_output=True)
-    temp_dir = tempfile.mkdtemp(prefix="raygpt-ray-")
-    port, dashboard_port = _free_port(), _free_port()
-    log = open(Path(temp_dir) / "head.log", "w")
-    env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    head = subprocess.Popen(
-        [BIN / "ray", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
-    address = f"127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            ray.init(address=address, log_to_driver=True)
-            break
-        except Exception:
-            if head.poll() is not None or time.time() > deadline:
-                log.close()
-                raise RuntimeError(f"ray head did not start: {(Path(temp_dir) / 'head.log').read_text()[-2000:]}")
-            time.sleep(1)
-    try:
-        yield address
-    finally:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, num_cpus: int = 2):
+        subprocess.run([BIN / "ray", "get-auth-token", "--generate"], check=True, capture_output=True)
+        self.temp_dir = tempfile.mkdtemp(prefix="raygpt-ray-")
+        self.port, self.dashboard_port = _free_port(), _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
+        self.log_path = Path(self.temp_dir) / "head.log"
+        self._log = open(self.log_path, "w")
+        # The venv's bin first: a job's `python` is the one with raygpt, as on a set-up cluster.
+        self.env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
+        self.proc = subprocess.Popen(
+            [BIN / "ray", "start", "--head", "--block", f"--port={self.port}", "--node-ip-address=127.0.0.1",
+             f"--num-cpus={num_cpus}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}", *args],
+            stdout=self._log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+        )
+
+    def connect(self, timeout_s: float = 90) -> None:
+        """Connect this process (ray.init) once the head answers."""
+        import ray
+
+        deadline = time.time() + timeout_s
+        while True:
+            try:
+                ray.init(address=self.address, log_to_driver=True)
+                return
+            except Exception:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"ray head did not start: {self.log_path.read_text()[-2000:]}")
+                time.sleep(1)
+
+    def leftover_pids(self) -> list[int]:
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    if self.temp_dir.encode() in (entry / "cmdline").read_bytes():
+                        pids.append(int(entry.name))
+                except OSError:
+                    pass
+        return pids
+
+    def stop(self) -> None:
+        import ray
+
         ray.shutdown()
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        log.close()
-        for stale in (Path(temp_dir) / "ray_current_cluster", Path("/tmp/ray/ray_current_cluster")):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        for pid in self.leftover_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self._log.close()
+        for stale in (Path(self.temp_dir) / "ray_current_cluster", Path("/tmp/ray/ray_current_cluster")):
             stale.unlink(missing_ok=True)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+_session_head: list[RayHead] = []
+
+
+def stop_session_ray() -> None:
+    """Tests that start a Ray of their own (marked `own_ray`, run last) stop the shared one first:
+    two Ray instances on one machine break each other's Train/Tune cleanup."""
+    while _session_head:
+        _session_head.pop().stop()
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.get_closest_marker("own_ray") is not None)  # stable: order kept otherwise
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """One real local Ray head for the whole test session (dashboard on 127.0.0.1, token auth on);
+    this process is connected to it."""
+    head = RayHead()
+    head.connect()
+    _session_head.append(head)
+    try:
+        yield head
+    finally:
+        stop_session_ray()
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_head):
+    return ray_head.address

@@ -25,13 +25,16 @@ def make_corpus(folder: Path) -> Path:
     return out
 
 
-def tiny_config(data_dir: Path, storage: Path, *overrides: str) -> Config:
-    """A model small enough for seconds per run: 32 wide, 2 layers, context 16."""
-    base = [
-        "model.embedding_dim=32", "model.num_layers=2", "model.num_heads=2", "model.context_len=16",
-        "model.dropout=0.0", f"data.dir={data_dir}", f"run.storage_path={storage}",
-        "train.batch_size=8", "train.max_steps=12", "train.eval_freq=4", "train.save_freq=4",
-        "train.eval_iter=2", "train.seed=7", "optim.peak_lr=0.01", "optim.initial_lr=0.001",
+def tiny_overrides(data_dir: Path | str, storage: Path | str) -> list[str]:
+    """`--set` values for a model small enough for seconds per run: 32 wide, 2 layers, context 16."""
+    return [
+        "model.preset=null", "model.embedding_dim=32", "model.num_layers=2", "model.num_heads=2",
+        "model.context_len=16", "model.dropout=0.0", f"data.dir={data_dir}", "data.source=null",
+        f"run.storage_path={storage}", "train.batch_size=8", "train.max_steps=12", "train.eval_freq=4",
+        "train.save_freq=4", "train.eval_iter=2", "train.seed=7", "optim.peak_lr=0.01", "optim.initial_lr=0.001",
         "optim.min_lr=0.001", "optim.warmup_steps=2", "run.num_workers=1",
     ]
-    return load_config(None, base + list(overrides))
+
+
+def tiny_config(data_dir: Path | str, storage: Path | str, *overrides: str) -> Config:
+    return load_config(None, tiny_overrides(data_dir, storage) + list(overrides))

@@ -105,6 +105,12 @@ def test_bad_search_definitions(data_dir, tmp_path, space, tune, message):
         parse_search(search_raw(data_dir, tmp_path, space, **tune))
 
 
+def test_set_values_leave_the_search_base_plain_data(data_dir, tmp_path):
+    search = parse_search(search_raw(data_dir, tmp_path), ["data.dir=/elsewhere", "train.max_steps=9"])
+    assert search.base["data"]["dir"] == "/elsewhere" and search.base["train"]["max_steps"] == 9
+    assert yaml.safe_load(yaml.safe_dump(search.base)) == search.base  # saved with the experiment
+
+
 def test_empty_search_section(data_dir, tmp_path):
     raw = search_raw(data_dir, tmp_path)
     raw["search"] = {}
