@@ -106,34 +106,63 @@ def _shape(resources: dict[str, float], keys) -> str:
     return ", ".join(f"{resources.get(k, 0):g} {k}" for k in keys)
 
 
-def check_resources(cfg: Config) -> None:
+def autoscaler_adds_nodes_of_unknown_shape() -> bool:
+    """True when a V1 autoscaler (`ray up`, fake_multinode) runs: it publishes only its status,
+    not its node types. A head without one runs a read-only monitor whose node types are named
+    after node ids (`node_<id>`)."""
+    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    status = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
+    report = (json.loads(status) if status else {}).get("autoscaler_report") or {}
+    return any(not name.startswith("node_") for name in (report.get("node_type_mapping") or {}).values())
+
+
+def check_resources(cfg: Config, log=print) -> None:
     """Fail at once when the run can never fit: one worker larger than every node (and every node
-    type an autoscaler can add), or all of them more than the cluster can ever hold. With an
-    autoscaler, Ray Train then waits at most run.resource_wait_s for the nodes to come."""
+    type an autoscaler can add), or all of them more than the cluster can ever hold. When an
+    autoscaler may add nodes, Ray Train waits at most run.resource_wait_s for them (see
+    build_trainer), then the run fails naming what it asked for."""
     import ray
     from ray._private.state import state
 
     r = cfg.run
     per_worker = worker_resources(cfg)
     shapes = [(f"node {n['NodeManagerAddress']}", n["Resources"]) for n in ray.nodes() if n["Alive"]]
-    autoscaler = state.get_cluster_config()
-    if autoscaler is not None:
-        shapes += [(f"node type {g.name}", dict(g.resources)) for g in autoscaler.node_group_configs if g.max_count]
+    groups = state.get_cluster_config()  # autoscaler v2: its node types, with their shapes
+    if groups is not None:
+        shapes += [(f"node type {g.name}", dict(g.resources)) for g in groups.node_group_configs if g.max_count]
+    may_grow = groups is None and autoscaler_adds_nodes_of_unknown_shape()
     if not any(all(have.get(k, 0) >= v for k, v in per_worker.items()) for _, have in shapes):
         offered = "; ".join(f"{name}: {_shape(have, per_worker)}" for name, have in shapes)
-        raise UserError(f"each worker asks for {_shape(per_worker, per_worker)} (run.cpus_per_worker"
-                        f"{', run.gpus_per_worker' if r.use_gpu else ''}) but no node offers that ({offered})")
-    largest = state.get_max_resources_from_cluster_config()  # None: no autoscaler
-    have = largest if largest else ray.cluster_resources()
-    for resource, amount in per_worker.items():
-        if amount * r.num_workers > have.get(resource, 0):
-            kind = "can grow to at most" if largest else "has"
-            raise UserError(
-                f"the run asks for {amount * r.num_workers:g} {resource} ({r.num_workers} workers x "
-                f"{amount:g}) but the cluster {kind} {have.get(resource, 0):g} {resource}"
-            )
+        message = (f"each worker asks for {_shape(per_worker, per_worker)} (run.cpus_per_worker"
+                   f"{', run.gpus_per_worker' if r.use_gpu else ''}) but no node offers that ({offered})")
+        if not may_grow:
+            raise UserError(message)
+        log(f"{message}; waiting up to run.resource_wait_s={r.resource_wait_s:g} s for the autoscaler")
+    largest = state.get_max_resources_from_cluster_config()  # None: no autoscaler v2
+    if largest or not may_grow:
+        have = largest if largest else ray.cluster_resources()
+        for resource, amount in per_worker.items():
+            if amount * r.num_workers > have.get(resource, 0):
+                kind = "can grow to at most" if largest else "has"
+                raise UserError(
+                    f"the run asks for {amount * r.num_workers:g} {resource} ({r.num_workers} workers x "
+                    f"{amount:g}) but the cluster {kind} {have.get(resource, 0):g} {resource}"
+                )
     # Ray Train waits this long for the workers' resources (an autoscaler may be adding nodes).
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(r.resource_wait_s)
+
+
+def _resources_never_came(cfg: Config) -> str:
+    import ray
+
+    r = cfg.run
+    have = ray.cluster_resources()
+    return (f"the workers' resources did not come within run.resource_wait_s={r.resource_wait_s:g} s: "
+            f"{r.num_workers} workers x {_shape(worker_resources(cfg), worker_resources(cfg))} asked, the "
+            f"cluster has {_shape(have, worker_resources(cfg))} in all (raise run.resource_wait_s if the "
+            "autoscaler needs longer to add nodes)")
 
 
 def missing_here(paths: dict[str, str]) -> list[str]:
@@ -241,7 +270,9 @@ def build_trainer(cfg: Config, paths: RunPaths, data_dir: str, extra_callbacks: 
             checkpoint_config=CheckpointConfig(
                 num_to_keep=r.num_to_keep, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
             ),
-            failure_config=FailureConfig(max_failures=r.max_failures),
+            # A worker group that cannot start within run.resource_wait_s fails the run instead of
+            # waiting again (Ray retries it forever by default: an infeasible request would hang).
+            failure_config=FailureConfig(max_failures=r.max_failures, controller_failure_limit=0),
             callbacks=extra_callbacks or None,
             # raygpt prints its own progress; Ray Train's per-report INFO lines would drown it.
             logging_config=LoggingConfig(log_level="WARNING"),
@@ -288,7 +319,7 @@ def train(cfg: Config, *, address: str | None = None, resume: str | None = None,
                             f"pass --resume {paths.name} to continue it, or choose another run.name")
     cfg.run.name = paths.name
     start_ray(address)
-    check_resources(cfg)
+    check_resources(cfg, log)
     ckpt.write_text(ckpt.join(paths.uri, CONFIG_FILE), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     check_paths_on_nodes({"data.dir": data_dir, "run folder": paths.uri})
     log(f"run {paths.name}: {cfg.run.num_workers} workers, {plan.total_steps} steps of "
@@ -299,7 +330,8 @@ def train(cfg: Config, *, address: str | None = None, resume: str | None = None,
     try:
         result = build_trainer(cfg, paths, data_dir).fit()
     except ray.train.TrainingFailedError as exc:
-        raise TrainingFailed(f"training failed: {_last_line(exc)} (run folder: {paths.uri})") from None
+        why = _resources_never_came(cfg) if "startup timed out" in str(exc) else _last_line(exc)
+        raise TrainingFailed(f"training failed: {why} (run folder: {paths.uri})") from None
     metrics = result.metrics or {}
     plot = write_plot(cfg, plan, paths.uri)
     latest = latest_checkpoint(paths.uri)

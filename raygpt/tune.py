@@ -266,7 +266,7 @@ def run_search(search: Search, *, address: str | None = None, log=print) -> str:
     if ckpt.exists(experiment_dir):
         raise UserError(f"experiment {name} already exists in {storage}; use `raygpt tune --resume {experiment_dir}`")
     start_ray(address)
-    check_resources(first)
+    check_resources(first, log)
     max_t = s.max_t or max(t.total_steps if s.time_attr == "step" else t.total_tokens for t in trials)
     # The saved search is what trials (and a resumed search) build their configs from; the data
     # folder is made absolute because every trial runs in a folder of its own.

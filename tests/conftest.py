@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import signal
@@ -44,12 +45,19 @@ class RayHead:
     autoscaler included) runs with its own temp dir on the command line, so `stop` can find and
     end whatever outlived the head."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, num_cpus: int = 2):
+    def __init__(self, *args: str, env: dict[str, str] | None = None, num_cpus: int = 2,
+                 autoscaling_config: dict | None = None):
         subprocess.run([BIN / "ray", "get-auth-token", "--generate"], check=True, capture_output=True)
         self.temp_dir = tempfile.mkdtemp(prefix="raygpt-ray-")
         self.port, self.dashboard_port = _free_port(), _free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
+        if autoscaling_config is not None:  # a fake multi-node cluster: the provider needs the GCS address
+            autoscaling_config["provider"]["gcs_address"] = self.address
+            config_path = Path(self.temp_dir) / "autoscaling.json"
+            config_path.write_text(json.dumps(autoscaling_config))
+            args = (*args, f"--autoscaling-config={config_path}")
+            env = {"RAY_FAKE_CLUSTER": "1", **(env or {})}
         self.log_path = Path(self.temp_dir) / "head.log"
         self._log = open(self.log_path, "w")
         # The venv's bin first: a job's `python` is the one with raygpt, as on a set-up cluster.
