@@ -101,11 +101,11 @@ def download(uri: str, local_dir: str) -> str:
 # ----------------------------------------------------------------------------- save / load
 
 
-def unwrapped_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict without DDP's `module.` or torch.compile's `_orig_mod.` prefixes,
-    so plain, compiled and DDP checkpoints load into each other."""
+def strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys without DDP's `module.` or torch.compile's `_orig_mod.` prefixes (in any nesting), so
+    plain, compiled and DDP checkpoints load into each other."""
     out = {}
-    for key, value in model.state_dict().items():
+    for key, value in state_dict.items():
         changed = True
         while changed:
             changed = False
@@ -114,6 +114,10 @@ def unwrapped_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
                     key, changed = key[len(prefix):], True
         out[key] = value
     return out
+
+
+def unwrapped_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return strip_wrapper_prefixes(model.state_dict())
 
 
 def save_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -149,6 +153,8 @@ def load_checkpoint(folder: str | Path, with_optimizer: bool = True) -> dict[str
     for name in files:
         try:
             out[name[:-3]] = torch.load(folder / name, map_location="cpu", weights_only=True)
+            if name == "model.pt":  # a state dict saved by hand from a compiled or DDP model loads too
+                out["model"] = strip_wrapper_prefixes(out["model"])
         except FileNotFoundError:
             raise UserError(f"checkpoint {folder} is incomplete: {name} is missing") from None
         except Exception as exc:  # torch raises several types for a truncated or foreign file

@@ -51,8 +51,21 @@ def _run_prepare(args: argparse.Namespace) -> None:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks that print figures")
-    what = p.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("bench", help="benchmarks that print figures (default: training, four ways)",
+                       description="Without a subcommand: the same model and global batch trained as (a) the "
+                                   "plain loop, (b) raygpt with 1 worker, (c) raygpt with 2 workers, (d) torchrun "
+                                   "with 2 processes, interleaved; a table and one JSON object.")
+    p.add_argument("--preset", default="tiny", help="tiny | small | gpt2-small (default tiny)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the model in every row")
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps per run (default 40)")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved rounds (default 2)")
+    p.add_argument("--data", default="data/stdlib", help="prepared data (default data/stdlib, prepared if missing)")
+    p.add_argument("--address", help="Ray cluster for rows b and c (default: each starts a local Ray)")
+    p.add_argument("--rows", default="abcd", help="which rows to run (default abcd)")
+    p.set_defaults(func=_run_bench_train)
+    what = p.add_subparsers(dest="what")
     bp = what.add_parser("prepare", help="prepare's tokens/s vs a single-threaded encode loop")
     bp.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each side (default 2)")
     bp.add_argument("--threads", type=int, default=None, help="tokenizer threads (default: all cores)")
@@ -60,6 +73,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     bt = what.add_parser("tune", help="the same 16-configuration grid with and without ASHA")
     bt.add_argument("--address", help="Ray cluster to join (default: start a local Ray)")
     bt.set_defaults(func=_run_bench_tune)
+
+
+def _run_bench_train(args: argparse.Namespace) -> None:
+    from raygpt.bench_train import bench_train
+
+    if not args.rows or set(args.rows) - set("abcd"):
+        raise UserError(f"--rows takes letters of abcd, got {args.rows!r}")
+    bench_train(args.preset, args.device, args.precision, args.compile, args.steps, args.repeats, args.data,
+                args.address, args.rows)
 
 
 def _run_bench_prepare(args: argparse.Namespace) -> None:
@@ -74,6 +96,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--address", help="Ray cluster to join: 'auto' or HOST:PORT (default: start a local Ray)")
     p.add_argument("--resume", metavar="RUN", help="continue a run (its name under run.storage_path, or its folder)")
+    p.add_argument("--no-ray", action="store_true",
+                   help="the same loop without Ray: one process, or DDP when started by torchrun")
     p.set_defaults(func=_run_train)
 
 
@@ -91,7 +115,28 @@ def _run_train(args: argparse.Namespace) -> None:
     if cfg.data.source and not has_manifest(cfg.data.dir):
         prepare_to(cfg.data.dir, source=cfg.data.source, context_len=cfg.model.context_len)
     load_manifest(cfg.data.dir)
-    train(cfg, address=args.address, resume=args.resume)
+    if args.no_ray:
+        _train_without_ray(cfg, args.resume)
+    else:
+        train(cfg, address=args.address, resume=args.resume)
+
+
+def _train_without_ray(cfg, resume: str | None) -> None:
+    """`raygpt train --no-ray`: the plain loop in this process (torchrun: one rank per process),
+    run.cpus_per_worker threads each; a run folder with checkpoints resumes from the newest."""
+    import torch
+
+    from raygpt import checkpoint as ckpt
+    from raygpt.loop import run_without_ray
+    from raygpt.train import new_run_name, resume_paths
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (cfg.run.name or resume):
+        raise UserError("under torchrun every rank must name the same run: set run.name")
+    torch.set_num_threads(max(1, int(cfg.run.cpus_per_worker)))
+    run_dir = (resume_paths(resume, cfg.run.storage_path).uri if resume
+               else ckpt.join(ckpt.resolve_storage(cfg.run.storage_path), cfg.run.name or new_run_name()))
+    print(f"run {run_dir.rsplit('/', 1)[-1]} without Ray -> {run_dir}")
+    run_without_ray(cfg, ckpt.resolve_storage(cfg.data.dir), run_dir)
 
 
 def _add_tune(sub: argparse._SubParsersAction) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from raygpt.errors import UserError
+from raygpt.fastpath import PRECISIONS
 from raygpt.model import PRESETS, GPTConfig
 
 SCHEMA_VERSION = 1
@@ -49,6 +50,7 @@ class OptimConfig:
     max_norm: float = 1.0
     clip_during_warmup: bool = False  # the seed clips only once warmup is over
     decay_matrices_only: bool = False  # the seed decays every parameter
+    fused: bool | None = None  # fused AdamW kernel; null: on GPUs (raygpt.fastpath)
 
 
 @dataclass
@@ -63,6 +65,10 @@ class TrainConfig:
     save_freq: int = 50
     seed: int = 123
     start_context: str = "Every effort moves you"
+    # Speed (raygpt.fastpath). precision: auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16.
+    precision: str = "auto"
+    tf32: bool = True  # fp32 matmuls on tensor cores (GPUs only)
+    compile: bool = False  # torch.compile the model (a compile pause at start, faster steps after)
 
 
 @dataclass
@@ -75,7 +81,8 @@ class RunConfig:
     gpus_per_worker: float = 1.0  # when use_gpu; each worker trains on one device either way
     max_failures: int = 0  # worker-group restarts Ray Train may make from the latest checkpoint
     num_to_keep: int = 2  # checkpoints kept, best by val_loss (the latest is always kept too)
-    resource_wait_s: float = 60.0  # how long to wait for workers' resources (an autoscaler adding nodes)
+    resource_wait_s: float = 60.0
+    peak_tflops: float | None = None  # one device's peak for MFU; null: GPU table or a CPU probe  # how long to wait for workers' resources (an autoscaler adding nodes)
 
 
 @dataclass
@@ -267,6 +274,12 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value is not None and value <= 0:
             raise UserError(f"{key} must be > 0, got {value}")
+    if t.precision not in PRECISIONS:
+        raise UserError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
+    if m.pad_vocab_multiple < 1:
+        raise UserError(f"model.pad_vocab_multiple must be >= 1 (1: no padding), got {m.pad_vocab_multiple}")
+    if r.peak_tflops is not None and r.peak_tflops <= 0:
+        raise UserError(f"run.peak_tflops must be > 0 (or null), got {r.peak_tflops}")
     if d.source not in (None, "stdlib"):
         raise UserError(f"data.source must be 'stdlib' or null, got {d.source!r}")
     if d.stride is not None and d.stride <= 0:

@@ -23,12 +23,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 from raygpt import checkpoint as ckpt
-from raygpt import recovery
+from raygpt import fastpath, perf, recovery
 from raygpt.config import Config, OptimConfig, TrainConfig
 from raygpt.data import WindowDataset, load_manifest, num_windows
-from raygpt.shared_data import local_shards
 from raygpt.errors import UserError
-from raygpt.model import GPTModel
+from raygpt.model import GPTModel, fit_rows
+from raygpt.shared_data import local_shards
 from raygpt.sampler import GlobalBatchSampler
 from raygpt.schedule import clip_gradients, should_clip, warmup_cosine_lr
 from raygpt.tokenizer import EOT_ID, gpt2_encoding
@@ -101,7 +101,8 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.A
         groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     else:
         groups = [{"params": list(model.parameters()), "weight_decay": optim.weight_decay}]
-    return torch.optim.AdamW(groups, lr=optim.peak_lr, betas=tuple(optim.betas), eps=optim.eps)
+    device = next(model.parameters()).device
+    return fastpath.adamw(groups, optim.peak_lr, tuple(optim.betas), optim.eps, fastpath.fused_adamw(optim.fused, device))
 
 
 # ----------------------------------------------------------------------------- runtime
@@ -150,7 +151,23 @@ class TrainState:
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model without DDP around it (still compiled, if it was)."""
     return model.module if hasattr(model, "module") else model
+
+
+def _plain(model: torch.nn.Module) -> torch.nn.Module:
+    """The model without DDP and without torch.compile (generation's growing lengths would
+    recompile it at every token)."""
+    return getattr(_unwrap(model), "_orig_mod", _unwrap(model))
+
+
+def _fit_optimizer_rows(optimizer: torch.optim.Optimizer) -> None:
+    """Optimizer state restored from a run with another vocabulary padding: fit its rows too."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.dim() and value.shape != p.shape and value.shape[1:] == p.shape[1:]:
+                    optimizer.state[p][key] = fit_rows(value, p.shape[0])
 
 
 def _mean_over_workers(value: float, rt: Runtime) -> float:
@@ -162,7 +179,7 @@ def _mean_over_workers(value: float, rt: Runtime) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, batches: int, rt: Runtime) -> float:
+def evaluate(model: torch.nn.Module, loader: DataLoader, batches: int, rt: Runtime, precision: str = "fp32") -> float:
     """Mean cross-entropy over the first `batches` batches of `loader`, averaged over workers."""
     model.eval()
     total, count = 0.0, 0
@@ -170,7 +187,8 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, batches: int, rt: Runti
         if i >= batches:
             break
         x, y = x.to(rt.device), y.to(rt.device)
-        total += F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+        with fastpath.autocast(rt.device, precision):
+            total += F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
         count += 1
     model.train()
     return _mean_over_workers(total / max(count, 1), rt)
@@ -220,8 +238,10 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
     data_dir = local_shards(data_dir, log=rt.log if rank0 else lambda line: None)
     b_local = t.batch_size // rt.world_size
 
+    precision = fastpath.resolve_precision(t.precision, rt.device)
+    fastpath.set_tf32(rt.device, t.tf32)
     torch.manual_seed(t.seed)
-    model = GPTModel.from_config(m)
+    model = GPTModel.from_config(m).to(rt.device)  # on its device first: a fused optimizer needs that
     optimizer = build_optimizer(model, o)
     state = TrainState()
     log_rows: list[dict[str, Any]] = []  # the metrics log: metric rows and restart events
@@ -233,13 +253,14 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
         ckpt.check_same_shape(loaded["state"]["config"]["model"], m, uri)
         model.load_state_dict(loaded["model"])
         optimizer.load_state_dict(loaded["optimizer"])
+        _fit_optimizer_rows(optimizer)
         s = loaded["state"]
         state = TrainState(s["step"], s["epoch"], s["batch_in_epoch"], s["tokens_seen"], s["elapsed"])
         if rank0:
             event = recovery.restart_event(rt.run_dir, rt.fit_id, state.step, uri)
             rt.log(recovery.describe(event))
             log_rows = [r for r in read_log(rt.run_dir) if "event" in r or r["step"] <= state.step] + [event]
-    model = rt.wrap_model(model.to(rt.device))
+    model = rt.wrap_model(fastpath.maybe_compile(model, t.compile))
     progress = recovery.ProgressMarker(rt.run_dir, rt.fit_id) if rank0 and rt.run_dir else None
     stop = recovery.StopRequest()
 
@@ -261,23 +282,31 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
         return {**state.checkpoint_fields(t.batch_size), "elapsed": elapsed, "val_loss": val_loss,
                 "config": cfg.to_dict()}
 
-    def report(step_tokens: int, step_seconds: float, save: bool) -> dict[str, Any]:
+    flops_per_token = perf.model_flops_per_token(m)
+    peak = perf.device_peak(rt.device, precision, cfg.run.peak_tflops) if rank0 else None
+
+    def report(step_tokens: int, step_seconds: float, steps: int, save: bool) -> dict[str, Any]:
         raw = _unwrap(model)
+        tokens_per_s = step_tokens / step_seconds if step_seconds > 0 else 0.0
         metrics = {
             "step": state.step, "epoch": state.epoch,
-            "train_loss": evaluate(raw, eval_loaders["train"], t.eval_iter, rt),
-            "val_loss": evaluate(raw, eval_loaders["val"], t.eval_iter, rt),
+            "train_loss": evaluate(raw, eval_loaders["train"], t.eval_iter, rt, precision),
+            "val_loss": evaluate(raw, eval_loaders["val"], t.eval_iter, rt, precision),
             "lr": warmup_cosine_lr(max(state.step - 1, 0), plan.total_steps, o.warmup_steps, o.initial_lr,
                                    o.peak_lr, o.min_lr),
             "tokens_seen": state.tokens_seen,
-            "tokens_per_s": step_tokens / step_seconds if step_seconds > 0 else 0.0,
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": tokens_per_s / rt.world_size,
+            "step_time": step_seconds / steps if steps else 0.0,
+            "mfu": perf.mfu(tokens_per_s / rt.world_size, flops_per_token, peak) if steps else None,
             "elapsed": state.elapsed + (time.perf_counter() - started),
+            "wall_time": time.time(),  # when: start-up time is the step-0 row's minus the launch
             "total_steps": plan.total_steps,
         }
         if progress:
             progress.flush()
         if rank0:
-            sample = generate_sample(raw, t.start_context, rt.device, t.seed)
+            sample = generate_sample(_plain(model), t.start_context, rt.device, t.seed)
             rt.log(progress_line(metrics) + f"\n  sample: {sample!r}")
             if rt.run_dir:
                 log_rows.append({**metrics, "sample": sample})
@@ -307,8 +336,8 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     try:
         if state.step == 0:
-            metrics = report(0, 0.0, save=False)  # the untrained model: where the curves start
-        window_tokens, window_seconds = 0, 0.0
+            metrics = report(0, 0.0, 0, save=False)  # the untrained model: where the curves start
+        window_tokens, window_seconds, window_steps = 0, 0.0, 0
         model.train()
         while state.step < plan.total_steps:
             sampler.set_position(state.epoch, state.batch_in_epoch)
@@ -326,7 +355,8 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
                     last = micro == t.grad_accum_steps - 1
                     sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
                     with sync:
-                        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+                        with fastpath.autocast(rt.device, precision):
+                            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
                         (loss / t.grad_accum_steps).backward()
                 if should_clip(state.step, o.warmup_steps, o.clip_during_warmup):
                     clip_gradients(model.parameters(), o.max_norm)
@@ -338,6 +368,7 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
                 state.tokens_seen += b_local * m.context_len * rt.world_size
                 window_tokens += t.batch_size * m.context_len
                 window_seconds += time.perf_counter() - t0
+                window_steps += 1
                 epoch_done = state.batch_in_epoch >= plan.steps_per_epoch
                 if epoch_done:  # roll over now, so a checkpoint here says "next epoch, batch 0"
                     state.epoch, state.batch_in_epoch = state.epoch + 1, 0
@@ -348,8 +379,8 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
                 done = state.step >= plan.total_steps
                 save = state.step % t.save_freq == 0 or done
                 if save or state.step % t.eval_freq == 0:
-                    metrics = report(window_tokens, window_seconds, save)
-                    window_tokens, window_seconds = 0, 0.0
+                    metrics = report(window_tokens, window_seconds, window_steps, save)
+                    window_tokens, window_seconds, window_steps = 0, 0.0, 0
                 recovery.maybe_inject_fault(cfg.fault, state.step, rt.rank, rt.run_dir, rt.log)
                 if epoch_done or done:
                     break
@@ -384,9 +415,16 @@ def read_events(run_dir: str) -> list[dict[str, Any]]:
 def progress_line(m: dict[str, Any]) -> str:
     return (
         f"step {m['step']:>6}/{m['total_steps']} | epoch {m['epoch']} | train {m['train_loss']:.3f} | "
-        f"val {m['val_loss']:.3f} | lr {m['lr']:.2e} | {m['tokens_per_s']:,.0f} tok/s | "
-        f"{m['tokens_seen']:,} tokens | {m['elapsed']:.1f} s"
+        f"val {m['val_loss']:.3f} | lr {m['lr']:.2e} | "
+        + (f"{m['tokens_per_s']:,.0f} tok/s ({m.get('tokens_per_s_per_device', m['tokens_per_s']):,.0f}/device, "
+           f"{m.get('step_time', 0) * 1000:.0f} ms/step, MFU {_percent(m.get('mfu'))}) | "
+           if m.get("step_time", 1) else "")
+        + f"{m['tokens_seen']:,} tokens | {m['elapsed']:.1f} s"
     )
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
 
 
 def run_without_ray(cfg: Config, data_dir: str, run_dir: str) -> dict[str, Any]:
@@ -405,7 +443,8 @@ def run_without_ray(cfg: Config, data_dir: str, run_dir: str) -> dict[str, Any]:
     def ddp(model: torch.nn.Module) -> torch.nn.Module:
         if world == 1:
             return model
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None)
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None,
+                                                         gradient_as_bucket_view=True)
 
     cfg.run.num_workers = world  # the plan divides the batch over the processes actually running
     rt = Runtime(rank=rank, world_size=world, device=device, run_dir=run_dir, fit_id=uuid.uuid4().hex,

@@ -24,6 +24,26 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def padded_vocab_size(vocabulary_size: int, multiple: int) -> int:
+    return -(-vocabulary_size // multiple) * multiple
+
+
+VOCAB_ROWS = ("tok_emb.weight", "out_head.weight")
+
+
+def fit_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """`tensor` with its first dimension cut or zero-padded to `rows`."""
+    if tensor.shape[0] >= rows:
+        return tensor[:rows]
+    return torch.cat([tensor, tensor.new_zeros((rows - tensor.shape[0], *tensor.shape[1:]))])
+
+
+def fit_vocab_rows(state_dict: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+    """A state dict whose vocabulary rows match a model padded to `rows` (padding rows are never
+    looked up and their logits are cut off, so the model computes the same function)."""
+    return {k: fit_rows(v, rows) if k in VOCAB_ROWS and v.shape[0] != rows else v for k, v in state_dict.items()}
+
+
 @dataclass
 class GPTConfig:
     """The seed's model parameters, plus weight tying (off by default, as in the seed)."""
@@ -36,6 +56,9 @@ class GPTConfig:
     dropout: float = 0.1
     qkv_bias: bool = False
     tie_embeddings: bool = False
+    # Rows of the embedding and output head rounded up to a multiple of this (64: 50,257 -> 50,304)
+    # for faster matmuls; logits and loss stay over the real vocabulary. 1: no padding.
+    pad_vocab_multiple: int = 1
 
 
 class CausalSelfAttention(nn.Module):
@@ -101,19 +124,26 @@ class GPTModel(nn.Module):
         dropout: float = 0.1,
         qkv_bias: bool = False,
         tie_embeddings: bool = False,
+        pad_vocab_multiple: int = 1,
     ):
         super().__init__()
         cfg = GPTConfig(
             embedding_dim, num_layers, num_heads, context_len, vocabulary_size, dropout, qkv_bias,
-            tie_embeddings,
+            tie_embeddings, pad_vocab_multiple,
         )
         self.cfg = cfg
+        self.padded_vocab = padded_vocab_size(vocabulary_size, pad_vocab_multiple)
         self.tok_emb = nn.Embedding(vocabulary_size, embedding_dim)
         self.pos_emb = nn.Embedding(context_len, embedding_dim)
         self.drop_emb = nn.Dropout(dropout)
         self.trf_blocks = nn.Sequential(*(TransformerBlock(cfg) for _ in range(num_layers)))
         self.final_norm = nn.LayerNorm(embedding_dim)
         self.out_head = nn.Linear(embedding_dim, vocabulary_size, bias=False)
+        # Padding rows are added after construction, without drawing random numbers: a padded
+        # model's real weights come out of the generator exactly as an unpadded model's do.
+        for module in (self.tok_emb, self.out_head):
+            module.weight = nn.Parameter(fit_rows(module.weight.detach(), self.padded_vocab))
+        self.tok_emb.num_embeddings = self.out_head.out_features = self.padded_vocab
         if tie_embeddings:
             self.out_head.weight = self.tok_emb.weight
         self._init_weights(num_layers)
@@ -126,9 +156,16 @@ class GPTModel(nn.Module):
     def _init_weights(self, num_layers: int) -> None:
         # GPT-2: N(0, 0.02) everywhere, zero biases, and the projections that write into the
         # residual stream scaled by 1/sqrt(2 * num_layers) so its variance does not grow with depth.
+        vocab = self.cfg.vocabulary_size
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                weight = module.weight
+                if module is self.tok_emb or module is self.out_head:
+                    # Only the real rows draw from the generator (padded and unpadded models start
+                    # from the same weights); padding rows start, and stay, at zero.
+                    nn.init.zeros_(weight[vocab:])
+                    weight = weight[:vocab]
+                nn.init.normal_(weight, mean=0.0, std=0.02)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
         resid_std = 0.02 / math.sqrt(2 * num_layers)
@@ -137,8 +174,10 @@ class GPTModel(nn.Module):
             nn.init.normal_(block.ff.proj.weight, mean=0.0, std=resid_std)
 
     def num_parameters(self) -> int:
-        """Parameters counted once each (a tied head shares the token embedding)."""
-        return sum(p.numel() for p in self.parameters())
+        """Parameters counted once each (a tied head shares the token embedding), without the
+        padding rows: the model's real size, padded or not."""
+        padding = (self.padded_vocab - self.cfg.vocabulary_size) * self.cfg.embedding_dim
+        return sum(p.numel() for p in self.parameters()) - padding * (1 if self.cfg.tie_embeddings else 2)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (batch, seq) -> logits (batch, seq, vocabulary_size)."""
@@ -148,7 +187,12 @@ class GPTModel(nn.Module):
         pos = torch.arange(t, device=idx.device)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))
         x = self.trf_blocks(x)
-        return self.out_head(self.final_norm(x))
+        logits = self.out_head(self.final_norm(x))
+        return logits if self.padded_vocab == self.cfg.vocabulary_size else logits[..., : self.cfg.vocabulary_size]
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Also loads a checkpoint saved with another vocabulary padding (rows cut or zero-filled)."""
+        return super().load_state_dict(fit_vocab_rows(state_dict, self.padded_vocab), strict, assign)
 
     @torch.no_grad()
     def generate(

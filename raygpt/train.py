@@ -245,7 +245,9 @@ def ray_worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     rt = Runtime(
         rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), device=ray.train.torch.get_device(),
         run_dir=loop_config["run_dir"], fit_id=loop_config["fit_id"],
-        wrap_model=ray.train.torch.prepare_model,
+        # Gradients live in DDP's buckets: no copy between them per step.
+        wrap_model=lambda model: ray.train.torch.prepare_model(
+            model, parallel_strategy_kwargs={"gradient_as_bucket_view": True}),
         wrap_loader=lambda loader: ray.train.torch.prepare_data_loader(loader, move_to_device=False),
         report=_ray_report, log=_worker_log,
     )

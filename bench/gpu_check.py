@@ -1,0 +1,105 @@
+"""GPU check: GPT-2 small, context 1024, bf16, on one GPU: tokens/s and MFU of the training step.
+
+Needs only torch and this repository on PYTHONPATH (no Ray, no YAML, no data set: token ids are
+drawn at random, which costs the GPU exactly what real ones do). It runs the loop's hot path with
+the loop's own speed options (raygpt.fastpath): bf16 autocast, TF32, fused AdamW, SDPA flash
+attention, torch.compile, the vocabulary padded to a multiple of 64.
+
+    PYTHONPATH=. python bench/gpu_check.py                 # about 2-4 minutes on an H100/H200
+    PYTHONPATH=. python bench/gpu_check.py --no-compile --batch 8 --steps 20
+    PYTHONPATH=. python bench/gpu_check.py --device cpu --preset tiny --steps 3   # a smoke run
+
+Prints one line per measurement and a final JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from raygpt import fastpath, perf
+from raygpt.model import PRESETS, GPTModel
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="gpt2-small", choices=sorted(PRESETS))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--precision", default="auto", choices=fastpath.PRECISIONS)
+    p.add_argument("--batch", type=int, default=16, help="sequences per step (default 16 x 1024 tokens)")
+    p.add_argument("--steps", type=int, default=30, help="timed optimizer steps (default 30)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first: compile, allocator (default 5)")
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--pad-vocab", type=int, default=64, help="pad the vocabulary to a multiple (1: off)")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA device here (use --device cpu for a smoke run)")
+    precision = fastpath.resolve_precision(args.precision, device)
+    fastpath.set_tf32(device, True)
+    shape = PRESETS[args.preset]
+    torch.manual_seed(0)
+    model = GPTModel(**shape, dropout=0.0, pad_vocab_multiple=args.pad_vocab).to(device)
+    optimizer = fastpath.adamw([{"params": list(model.parameters()), "weight_decay": 0.1}], 6e-4, (0.9, 0.95),
+                               1e-8, fused=fastpath.fused_adamw(None, device))
+    step_model = fastpath.maybe_compile(model, args.compile)
+    t_len, vocab = shape["context_len"], model.cfg.vocabulary_size
+    batch = torch.randint(0, vocab, (args.batch, t_len + 1), device=device)
+    x, y = batch[:, :-1], batch[:, 1:]
+
+    def step() -> torch.Tensor:
+        with fastpath.autocast(device, precision):
+            loss = F.cross_entropy(step_model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        loss = step()
+    sync()
+    warmup_s = time.perf_counter() - t0
+    first_loss = float(loss)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    sync()
+    seconds = time.perf_counter() - t0
+    tokens_per_s = args.steps * args.batch * t_len / seconds
+    flops = perf.model_flops_per_token(model.cfg)
+    peak = perf.device_peak(device, precision)
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else perf._cpu_name(),
+        "torch": torch.__version__, "preset": args.preset, "precision": precision, "compile": args.compile,
+        "pad_vocab": args.pad_vocab, "batch": args.batch, "context_len": t_len, "steps": args.steps,
+        "parameters": model.num_parameters(), "flops_per_token": flops,
+        "tokens_per_s": round(tokens_per_s, 1), "step_time_s": round(seconds / args.steps, 4),
+        "peak_tflops": peak / 1e12 if peak else None,
+        "mfu": round(perf.mfu(tokens_per_s, flops, peak), 4) if peak else None,
+        "warmup_s": round(warmup_s, 1), "loss_first": round(first_loss, 3), "loss_last": round(float(loss), 3),
+        "max_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 1) if device.type == "cuda" else None,
+    }
+    assert math.isfinite(result["loss_last"]), "the loss is not finite"
+    mfu = f"{result['mfu']:.1%}" if result["mfu"] is not None else "n/a (GPU not in raygpt.perf.GPU_PEAKS)"
+    print(f"{result['device']}: {args.preset} {precision} compile={args.compile} batch {args.batch}x{t_len}: "
+          f"{tokens_per_s:,.0f} tokens/s, {result['step_time_s'] * 1000:.0f} ms/step, MFU {mfu} "
+          f"(warm-up {warmup_s:.0f} s, loss {first_loss:.2f} -> {result['loss_last']:.2f})")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

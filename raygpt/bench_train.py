@@ -1,0 +1,149 @@
+"""`raygpt bench`: the same model and global batch trained four ways, interleaved in one sitting.
+
+  a  the plain loop, no Ray:      raygpt train --no-ray          1 process x all threads
+  b  raygpt, 1 Ray Train worker:  raygpt train                   1 worker x all threads
+  c  raygpt, 2 Ray Train workers: raygpt train                   2 workers x half the threads each
+  d  torchrun over the plain loop: torchrun --nproc_per_node 2 raygpt train --no-ray   2 x half
+
+Each row is the command a user would type (Ray rows start their own local Ray unless --address is
+given), so start-up time (launch to the first step) is what a user waits. Throughput leaves out
+the first eval window (warm-up: compile, allocator, first iterations) and the evals themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import yaml
+
+from raygpt.errors import UserError
+from raygpt.loop import read_metrics
+
+# Bench shapes: the model preset (or sizes) and the global batch each trains with.
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": {"model": {"preset": "tiny"}, "batch_size": 16},
+    "small": {"model": {"embedding_dim": 384, "num_layers": 6, "num_heads": 6, "context_len": 256}, "batch_size": 8},
+    "gpt2-small": {"model": {"preset": "gpt2-small"}, "batch_size": 8},
+}
+ROWS = {
+    "a": "plain loop, no Ray",
+    "b": "raygpt, 1 Ray worker",
+    "c": "raygpt, 2 Ray workers",
+    "d": "torchrun, 2 processes",
+}
+
+
+def bench_config(preset: str, steps: int, device: str, precision: str, compile_model: bool,
+                 data_dir: str, storage: str) -> dict[str, Any]:
+    shape = SHAPES[preset]
+    return {
+        "model": {**shape["model"], "dropout": 0.0},
+        "data": {"dir": data_dir},
+        "train": {"batch_size": shape["batch_size"], "max_steps": steps, "eval_freq": max(1, steps // 4),
+                  "eval_iter": 1, "save_freq": steps, "precision": precision, "compile": compile_model,
+                  "start_context": "def "},
+        "optim": {"warmup_steps": 1},
+        "run": {"storage_path": storage, "use_gpu": device == "cuda", "num_to_keep": 1, "resource_wait_s": 120},
+    }
+
+
+def row_command(row: str, config: str, name: str, threads: int, address: str | None) -> tuple[list[str], dict]:
+    raygpt = [sys.executable, "-m", "raygpt", "train", "--config", config, "--set", f"run.name={name}"]
+    half = max(1, threads // 2)
+    env = dict(os.environ)
+    if row == "a":
+        return raygpt + ["--no-ray", "--set", f"run.cpus_per_worker={threads}"], env
+    if row in ("b", "c"):
+        workers, per = (1, threads) if row == "b" else (2, half)
+        cmd = raygpt + ["--set", f"run.num_workers={workers}", "--set", f"run.cpus_per_worker={per}"]
+        return cmd + (["--address", address] if address else []), env
+    env["OMP_NUM_THREADS"] = str(half)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "raygpt"]
+    return torchrun + raygpt[3:] + ["--no-ray", "--set", f"run.cpus_per_worker={half}"], env
+
+
+def measure(rows: list[dict[str, Any]], launched: float) -> dict[str, float]:
+    """Throughput over the eval windows after the first, mean MFU, and launch -> first step."""
+    windows = [(b["step"] - a["step"], b) for a, b in zip(rows, rows[1:])]
+    timed = windows[1:] or windows
+    if not timed:
+        raise UserError("the benchmark run reported no training window; give --steps >= 2")
+    seconds = sum(n * r["step_time"] for n, r in timed)
+    tokens = sum(n * r["step_time"] * r["tokens_per_s"] for n, r in timed)
+    devices = round(timed[0][1]["tokens_per_s"] / timed[0][1]["tokens_per_s_per_device"])
+    mfus = [r["mfu"] for _, r in timed if r.get("mfu") is not None]
+    return {"tokens_per_s": tokens / seconds, "tokens_per_s_per_device": tokens / seconds / devices,
+            "mfu": statistics.mean(mfus) if mfus else None, "startup_s": rows[0]["wall_time"] - launched}
+
+
+def bench_train(preset: str = "tiny", device: str = "cpu", precision: str = "fp32", compile_model: bool = False,
+                steps: int = 40, repeats: int = 2, data_dir: str = "data/stdlib", address: str | None = None,
+                rows: str = "abcd") -> dict[str, Any]:
+    if preset not in SHAPES:
+        raise UserError(f"--preset must be one of {', '.join(SHAPES)}, got {preset!r}")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device on this machine")
+        if torch.cuda.device_count() < 2:
+            rows = rows.replace("c", "").replace("d", "")  # two workers need two GPUs
+    threads = os.cpu_count() or 1
+    from raygpt.shared_data import has_manifest, prepare_to
+
+    if not has_manifest(data_dir):
+        prepare_to(data_dir, source="stdlib")
+    results: dict[str, list[dict[str, float]]] = {row: [] for row in rows}
+    with tempfile.TemporaryDirectory(prefix="raygpt-bench-") as storage:
+        config = os.path.join(storage, "bench.yaml")
+        with open(config, "w") as f:
+            yaml.safe_dump(bench_config(preset, steps, device, precision, compile_model,
+                                        os.path.abspath(data_dir), storage), f)
+        for round_ in range(repeats):
+            for row in rows:  # interleaved: every row sees the machine in the same state
+                name = f"{row}{round_}"
+                cmd, env = row_command(row, config, name, threads, address)
+                launched = time.time()
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise UserError(f"bench row {row} ({ROWS[row]}) failed: {proc.stderr.strip().splitlines()[-1:]}")
+                results[row].append(measure(read_metrics(os.path.join(storage, name)), launched))
+                r = results[row][-1]
+                print(f"  round {round_ + 1}/{repeats} {row} {ROWS[row]:<26} {r['tokens_per_s']:>10,.0f} tokens/s  "
+                      f"start-up {r['startup_s']:.1f} s", flush=True)
+    return report(results, preset, device, precision, compile_model, steps, repeats, threads)
+
+
+def report(results: dict[str, list[dict[str, float]]], preset: str, device: str, precision: str,
+           compile_model: bool, steps: int, repeats: int, threads: int) -> dict[str, Any]:
+    def median(row: str, key: str) -> float | None:
+        values = [r[key] for r in results[row] if r[key] is not None]
+        return statistics.median(values) if values else None
+
+    out: dict[str, Any] = {"benchmark": "train", "preset": preset, "device": device, "precision": precision,
+                           "compile": compile_model, "steps": steps, "repeats": repeats, "threads": threads}
+    for row in results:
+        out[row] = {"name": ROWS[row], **{k: median(row, k) for k in
+                                          ("tokens_per_s", "tokens_per_s_per_device", "mfu", "startup_s")}}
+    for ratio, (top, bottom) in {"b/a": ("b", "a"), "c/d": ("c", "d")}.items():
+        have = top in results and bottom in results
+        out[ratio] = round(out[top]["tokens_per_s"] / out[bottom]["tokens_per_s"], 3) if have else None
+    print(f"train benchmark: {preset}, {device} {precision}{' compiled' if compile_model else ''}, {steps} steps, "
+          f"median of {repeats} interleaved rounds, {threads} CPU threads")
+    print(f"  {'':<3}{'':<26}{'tokens/s':>12}{'per device':>12}{'MFU':>8}{'start-up':>10}")
+    for row in results:
+        r = out[row]
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+        print(f"  {row:<3}{r['name']:<26}{r['tokens_per_s']:>12,.0f}{r['tokens_per_s_per_device']:>12,.0f}"
+              f"{mfu:>8}{r['startup_s']:>9.1f}s")
+    for ratio in ("b/a", "c/d"):
+        print(f"  {ratio}: {out[ratio] if out[ratio] is not None else 'n/a'}")
+    print(json.dumps(out))
+    return out

@@ -1,0 +1,49 @@
+"""`raygpt bench`: its arithmetic (fast) and one real sitting of all four rows (slow)."""
+
+import json
+import sys
+
+import pytest
+
+from raygpt.bench_train import bench_config, measure, row_command
+from raygpt.config import config_from_dict
+
+from helpers import make_corpus
+
+
+def test_measure_skips_the_warm_up_window_and_weights_windows_by_time():
+    rows = [
+        {"step": 0, "wall_time": 105.0, "mfu": None, "step_time": 0.0, "tokens_per_s": 0.0, "tokens_per_s_per_device": 0.0},
+        {"step": 2, "mfu": 0.01, "step_time": 5.0, "tokens_per_s": 10.0, "tokens_per_s_per_device": 5.0},  # warm-up
+        {"step": 4, "mfu": 0.2, "step_time": 1.0, "tokens_per_s": 100.0, "tokens_per_s_per_device": 50.0},
+        {"step": 8, "mfu": 0.4, "step_time": 0.5, "tokens_per_s": 200.0, "tokens_per_s_per_device": 100.0},
+    ]
+    m = measure(rows, launched=100.0)
+    # windows after the first: 2 steps x 1 s at 100 tok/s, 4 steps x 0.5 s at 200 tok/s -> 600 / 4
+    assert m == {"tokens_per_s": 150.0, "tokens_per_s_per_device": 75.0, "mfu": pytest.approx(0.3), "startup_s": 5.0}
+
+
+def test_rows_are_the_commands_a_user_types(tmp_path):
+    a, _ = row_command("a", "c.yaml", "a0", 2, None)
+    assert a[1:5] == ["-m", "raygpt", "train", "--config"] and "--no-ray" in a and "run.cpus_per_worker=2" in a
+    c, _ = row_command("c", "c.yaml", "c0", 2, "127.0.0.1:1")
+    assert "run.num_workers=2" in c and "run.cpus_per_worker=1" in c and c[-2:] == ["--address", "127.0.0.1:1"]
+    d, env = row_command("d", "c.yaml", "d0", 2, None)
+    assert d[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert "--no-ray" in d and env["OMP_NUM_THREADS"] == "1"
+    for preset in ("tiny", "small", "gpt2-small"):
+        config_from_dict(bench_config(preset, 40, "cpu", "fp32", False, str(tmp_path), str(tmp_path)))
+
+
+@pytest.mark.slow
+def test_bench_runs_all_four_rows_and_prints_the_json(ray_address, tmp_path, run_cli):
+    data = make_corpus(tmp_path)
+    code, out, err = run_cli("bench", "--preset", "tiny", "--steps", "4", "--repeats", "1", "--data", str(data),
+                             "--address", ray_address)
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    for row in "abcd":
+        r = result[row]
+        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["startup_s"] > 0, r
+    assert result["b/a"] > 0 and result["c/d"] > 0
+    assert "b/a:" in out and "torchrun, 2 processes" in out
