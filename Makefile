@@ -32,6 +32,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
+	$(VENV)/bin/raygpt bench --preset tiny
 	$(VENV)/bin/raygpt bench prepare
 
 clean:

@@ -83,6 +83,20 @@ def measure(rows: list[dict[str, Any]], launched: float) -> dict[str, float]:
             "mfu": statistics.mean(mfus) if mfus else None, "startup_s": rows[0]["wall_time"] - launched}
 
 
+def _refresh_cpu_peaks(precision: str, thread_counts: list[int]) -> None:
+    """Probe the matmul peak at every thread count a row uses, before the rows: MFU in this
+    sitting is against a peak measured on the machine as it is now (the cache keeps the best)."""
+    import torch
+
+    from raygpt import perf
+
+    before = torch.get_num_threads()
+    for n in thread_counts:
+        torch.set_num_threads(n)
+        print(f"  CPU matmul peak, {n} thread(s), {precision}: {perf.cpu_peak(precision, refresh=True) / 1e9:,.0f} GFLOP/s")
+    torch.set_num_threads(before)
+
+
 def bench_train(preset: str = "tiny", device: str = "cpu", precision: str = "fp32", compile_model: bool = False,
                 steps: int = 40, repeats: int = 2, data_dir: str = "data/stdlib", address: str | None = None,
                 rows: str = "abcd") -> dict[str, Any]:
@@ -100,6 +114,8 @@ def bench_train(preset: str = "tiny", device: str = "cpu", precision: str = "fp3
 
     if not has_manifest(data_dir):
         prepare_to(data_dir, source="stdlib")
+    if device == "cpu":
+        _refresh_cpu_peaks(precision, sorted({threads, max(1, threads // 2)}))
     results: dict[str, list[dict[str, float]]] = {row: [] for row in rows}
     with tempfile.TemporaryDirectory(prefix="raygpt-bench-") as storage:
         config = os.path.join(storage, "bench.yaml")

@@ -1,7 +1,10 @@
 """`raygpt bench`: its arithmetic (fast) and one real sitting of all four rows (slow)."""
 
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +12,8 @@ from raygpt.bench_train import bench_config, measure, row_command
 from raygpt.config import config_from_dict
 
 from helpers import make_corpus
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_measure_skips_the_warm_up_window_and_weights_windows_by_time():
@@ -47,3 +52,16 @@ def test_bench_runs_all_four_rows_and_prints_the_json(ray_address, tmp_path, run
         assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["startup_s"] > 0, r
     assert result["b/a"] > 0 and result["c/d"] > 0
     assert "b/a:" in out and "torchrun, 2 processes" in out
+
+
+def test_the_gpu_check_script_runs_on_cpu_with_only_torch_and_the_package():
+    # The GPU machines have torch but no Ray or YAML: the script imports neither.
+    code = ("import sys, json; sys.modules['ray'] = sys.modules['yaml'] = None; sys.path.insert(0, 'bench'); "
+            "import gpu_check; r = gpu_check.main(['--device', 'cpu', '--preset', 'tiny', '--steps', '2', "
+            "'--warmup', '1', '--batch', '2', '--no-compile']); print('RESULT', json.dumps(r))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert result["tokens_per_s"] > 0 and 0 < result["mfu"] < 1 and result["parameters"] > 13_000_000
+    assert result["loss_last"] == result["loss_last"]  # finite

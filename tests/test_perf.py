@@ -43,6 +43,11 @@ def test_cpu_peak_is_probed_once_and_cached(tmp_path, monkeypatch):
     assert calls == ["fp32"] and (tmp_path / "cpu_peak.json").is_file()
     assert perf.device_peak(torch.device("cpu"), "fp32") == 1.5e11
     assert perf.device_peak(torch.device("cpu"), "fp32", override_tflops=2.0) == 2e12
+    # A refresh probes again and keeps the best: a probe on a busy machine never lowers the peak.
+    monkeypatch.setattr(perf, "measure_cpu_peak", lambda precision: 1.0e11)
+    assert perf.cpu_peak("fp32", refresh=True) == 1.5e11
+    monkeypatch.setattr(perf, "measure_cpu_peak", lambda precision: 2.0e11)
+    assert perf.cpu_peak("fp32", refresh=True) == 2.0e11 and perf.cpu_peak("fp32") == 2.0e11
 
 
 def test_the_cpu_probe_measures_something_plausible():
