@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     flops = perf.model_flops_per_token(model.cfg)
     peak = perf.device_peak(device, precision)
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else perf._cpu_name(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else perf.cpu_name(),
         "torch": torch.__version__, "preset": args.preset, "precision": precision, "compile": args.compile,
         "pad_vocab": args.pad_vocab, "batch": args.batch, "context_len": t_len, "steps": args.steps,
         "parameters": model.num_parameters(), "flops_per_token": flops,

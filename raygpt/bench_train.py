@@ -110,7 +110,8 @@ def bench_train(preset: str = "tiny", device: str = "cpu", precision: str = "fp3
         if torch.cuda.device_count() < 2:
             rows = rows.replace("c", "").replace("d", "")  # two workers need two GPUs
     threads = os.cpu_count() or 1
-    from raygpt.shared_data import has_manifest, prepare_to
+    from raygpt.data import has_manifest
+    from raygpt.shared_data import prepare_to
 
     if not has_manifest(data_dir):
         prepare_to(data_dir, source="stdlib")

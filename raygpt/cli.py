@@ -103,8 +103,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> None:
     from raygpt.config import load_config
-    from raygpt.data import load_manifest
-    from raygpt.shared_data import has_manifest, prepare_to
+    from raygpt.data import has_manifest, load_manifest
+    from raygpt.shared_data import prepare_to
     from raygpt.train import resume_paths, run_config, train
 
     if args.resume and not args.config:
@@ -151,7 +151,8 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
 
 def _run_tune(args: argparse.Namespace) -> None:
     from raygpt.analysis import report
-    from raygpt.shared_data import has_manifest, prepare_to
+    from raygpt.data import has_manifest
+    from raygpt.shared_data import prepare_to
     from raygpt.tune import load_search, resume_search, run_search
 
     if args.resume:

@@ -81,8 +81,8 @@ class RunConfig:
     gpus_per_worker: float = 1.0  # when use_gpu; each worker trains on one device either way
     max_failures: int = 0  # worker-group restarts Ray Train may make from the latest checkpoint
     num_to_keep: int = 2  # checkpoints kept, best by val_loss (the latest is always kept too)
-    resource_wait_s: float = 60.0
-    peak_tflops: float | None = None  # one device's peak for MFU; null: GPU table or a CPU probe  # how long to wait for workers' resources (an autoscaler adding nodes)
+    resource_wait_s: float = 60.0  # how long to wait for workers' resources (an autoscaler adding nodes)
+    peak_tflops: float | None = None  # one device's peak for MFU; null: GPU table or a CPU probe
 
 
 @dataclass

@@ -283,13 +283,21 @@ def _tokenize_parallel(documents: Iterator[str], threads: int) -> Iterator[np.nd
 # ----------------------------------------------------------------------------- prepare
 
 
+def has_manifest(folder: str | Path) -> bool:
+    """Whether a prepared folder (local, NFS, or a storage URI) is complete: it has its manifest."""
+    from raygpt import checkpoint as storage
+
+    uri = storage.join(str(folder), MANIFEST)
+    return storage.exists(uri) if storage.is_uri(str(folder)) else os.path.isfile(uri)
+
+
 def load_manifest(folder: str | Path) -> dict[str, Any]:
     """The manifest of a prepared folder: local, NFS, or a storage URI (s3://, gs://, file://)."""
     from raygpt import checkpoint as storage
 
-    uri = storage.join(str(folder), MANIFEST)
-    if not (storage.exists(uri) if storage.is_uri(str(folder)) else os.path.isfile(uri)):
+    if not has_manifest(folder):
         raise UserError(f"no {MANIFEST} in {folder}: run `raygpt prepare` to build the token shards first")
+    uri = storage.join(str(folder), MANIFEST)
     return json.loads(storage.read_text(uri) if storage.is_uri(str(folder)) else Path(uri).read_text())
 
 

@@ -233,9 +233,10 @@ def _restore(rt: Runtime, cfg: Config) -> tuple[dict[str, Any], str] | None:
 def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
     t, o, m = cfg.train, cfg.optim, cfg.model
     rank0 = rt.rank == 0
-    plan = plan_for(cfg, data_dir)
-    # Shards on a storage URI are copied to this node's disk once, then memory-mapped.
+    # Shards on a storage URI are copied to this node's disk once, then memory-mapped (and the
+    # manifest is read from that copy, not fetched again).
     data_dir = local_shards(data_dir, log=rt.log if rank0 else lambda line: None)
+    plan = plan_for(cfg, data_dir)
     b_local = t.batch_size // rt.world_size
 
     precision = fastpath.resolve_precision(t.precision, rt.device)
@@ -285,9 +286,10 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
     flops_per_token = perf.model_flops_per_token(m)
     peak = perf.device_peak(rt.device, precision, cfg.run.peak_tflops) if rank0 else None
 
-    def report(step_tokens: int, step_seconds: float, steps: int, save: bool) -> dict[str, Any]:
+    def report(steps: int, step_seconds: float, save: bool) -> dict[str, Any]:
+        """Evaluate, log and (if `save`) checkpoint; throughput over the `steps` since the last report."""
         raw = _unwrap(model)
-        tokens_per_s = step_tokens / step_seconds if step_seconds > 0 else 0.0
+        tokens_per_s = steps * t.batch_size * m.context_len / step_seconds if step_seconds > 0 else 0.0
         metrics = {
             "step": state.step, "epoch": state.epoch,
             "train_loss": evaluate(raw, eval_loaders["train"], t.eval_iter, rt, precision),
@@ -336,8 +338,8 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     try:
         if state.step == 0:
-            metrics = report(0, 0.0, 0, save=False)  # the untrained model: where the curves start
-        window_tokens, window_seconds, window_steps = 0, 0.0, 0
+            metrics = report(0, 0.0, save=False)  # the untrained model: where the curves start
+        window_steps, window_seconds = 0, 0.0
         model.train()
         while state.step < plan.total_steps:
             sampler.set_position(state.epoch, state.batch_in_epoch)
@@ -366,7 +368,6 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
                 state.batch_in_epoch += 1
                 # Every worker consumed b_local sequences (equal shares by construction): the sum.
                 state.tokens_seen += b_local * m.context_len * rt.world_size
-                window_tokens += t.batch_size * m.context_len
                 window_seconds += time.perf_counter() - t0
                 window_steps += 1
                 epoch_done = state.batch_in_epoch >= plan.steps_per_epoch
@@ -379,8 +380,8 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
                 done = state.step >= plan.total_steps
                 save = state.step % t.save_freq == 0 or done
                 if save or state.step % t.eval_freq == 0:
-                    metrics = report(window_tokens, window_seconds, window_steps, save)
-                    window_tokens, window_seconds, window_steps = 0, 0.0, 0
+                    metrics = report(window_steps, window_seconds, save)
+                    window_steps, window_seconds = 0, 0.0
                 recovery.maybe_inject_fault(cfg.fault, state.step, rt.rank, rt.run_dir, rt.log)
                 if epoch_done or done:
                     break

@@ -65,7 +65,7 @@ def _cache_file() -> Path:
     return Path(os.environ.get("RAYGPT_CACHE") or "~/.cache/raygpt").expanduser() / "cpu_peak.json"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
@@ -93,7 +93,7 @@ def cpu_peak(precision: str = "fp32", refresh: bool = False) -> float:
     """This machine's matmul peak at this thread count, probed on first use and cached on disk.
     `refresh` probes again (`raygpt bench` does, once per sitting); the cache keeps the best
     probe seen, so one probe slowed by a busy machine does not stay the peak."""
-    key = f"{_cpu_name()}|threads={torch.get_num_threads()}|{precision}|torch={torch.__version__}"
+    key = f"{cpu_name()}|threads={torch.get_num_threads()}|{precision}|torch={torch.__version__}"
     path = _cache_file()
     try:
         cached = json.loads(path.read_text())

@@ -33,11 +33,6 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or "~/.cache/raygpt/data").expanduser()
 
 
-def has_manifest(folder: str) -> bool:
-    uri = storage.join(folder, data.MANIFEST)
-    return storage.exists(uri) if storage.is_uri(folder) else os.path.isfile(uri)
-
-
 def shard_entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return [s for split in data.SPLITS for s in manifest["splits"][split]["shards"]]
 
@@ -115,7 +110,7 @@ def prepare_to(out: str, log: Callable[[str], None] = print, **options: Any) -> 
         local.mkdir()
         old = None
         if data.MANIFEST in remote:
-            old = storage.read_text(f"{out.rstrip('/')}/{data.MANIFEST}")
+            old = storage.read_text(storage.join(out, data.MANIFEST))
             (local / data.MANIFEST).write_text(old)  # lets prepare see an up-to-date output
         manifest = data.prepare(out=local, log=lambda line: log(line.replace(str(local), out)), **options)
         if old is not None and json.loads(old) == manifest:
@@ -129,6 +124,6 @@ def prepare_to(out: str, log: Callable[[str], None] = print, **options: Any) -> 
                             destination_filesystem=fs)
         for stale in remote - names - {data.MANIFEST}:
             fs.delete_file(f"{path}/{stale}")
-        storage.write_text(f"{out.rstrip('/')}/{data.MANIFEST}", (local / data.MANIFEST).read_text())
+        storage.write_text(storage.join(out, data.MANIFEST), (local / data.MANIFEST).read_text())
         log(f"uploaded {len(names)} shards and {data.MANIFEST} to {out}")
     return manifest

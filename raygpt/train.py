@@ -157,11 +157,10 @@ def check_resources(cfg: Config, log=print) -> None:
 def _resources_never_came(cfg: Config) -> str:
     import ray
 
-    r = cfg.run
-    have = ray.cluster_resources()
+    r, asked = cfg.run, worker_resources(cfg)
     return (f"the workers' resources did not come within run.resource_wait_s={r.resource_wait_s:g} s: "
-            f"{r.num_workers} workers x {_shape(worker_resources(cfg), worker_resources(cfg))} asked, the "
-            f"cluster has {_shape(have, worker_resources(cfg))} in all (raise run.resource_wait_s if the "
+            f"{r.num_workers} workers x {_shape(asked, asked)} asked, the cluster has "
+            f"{_shape(ray.cluster_resources(), asked)} in all (raise run.resource_wait_s if the "
             "autoscaler needs longer to add nodes)")
 
 

@@ -271,8 +271,7 @@ def run_search(search: Search, *, address: str | None = None, log=print) -> str:
     # The saved search is what trials (and a resumed search) build their configs from; the data
     # folder is made absolute because every trial runs in a folder of its own.
     base = copy.deepcopy(search.base)
-    base.setdefault("data", {})["dir"] = trials[0].config.data.dir if ckpt.is_uri(trials[0].config.data.dir) \
-        else os.path.abspath(trials[0].config.data.dir)
+    base.setdefault("data", {})["dir"] = ckpt.resolve_storage(trials[0].config.data.dir)
     ckpt.write_text(ckpt.join(experiment_dir, SEARCH_FILE), yaml.safe_dump(
         {**base, "search": search.space, "tune": {**vars(s), "name": name}}, sort_keys=False))
     check_paths_on_nodes({"data.dir": base["data"]["dir"], "experiment folder": experiment_dir})
