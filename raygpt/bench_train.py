@@ -25,6 +25,7 @@ import yaml
 
 from raygpt.errors import UserError
 from raygpt.loop import read_metrics
+from raygpt.model import PRESETS
 
 # Bench shapes: the model preset (or sizes) and the global batch each trains with.
 SHAPES: dict[str, dict[str, Any]] = {
@@ -43,12 +44,14 @@ ROWS = {
 def bench_config(preset: str, steps: int, device: str, precision: str, compile_model: bool,
                  data_dir: str, storage: str) -> dict[str, Any]:
     shape = SHAPES[preset]
+    context_len = shape["model"].get("context_len") or PRESETS[shape["model"]["preset"]]["context_len"]
+    eval_tokens = shape["batch_size"] * context_len  # one global batch per split: evals stay short
     return {
         "model": {**shape["model"], "dropout": 0.0},
         "data": {"dir": data_dir},
         "train": {"batch_size": shape["batch_size"], "max_steps": steps, "eval_freq": max(1, steps // 4),
-                  "eval_iter": 1, "save_freq": steps, "precision": precision, "compile": compile_model,
-                  "start_context": "def "},
+                  "eval_iter": 1, "eval_tokens": eval_tokens, "final_eval_tokens": eval_tokens,
+                  "save_freq": steps, "precision": precision, "compile": compile_model, "start_context": "def "},
         "optim": {"warmup_steps": 1},
         "run": {"storage_path": storage, "use_gpu": device == "cuda", "num_to_keep": 1, "resource_wait_s": 120},
     }

@@ -22,6 +22,7 @@ from raygpt.model import PRESETS, GPTConfig
 
 SCHEMA_VERSION = 1
 FAULT_KINDS = ("raise", "kill", "sigterm")
+EVAL_MODES = ("spread", "first")
 
 
 @dataclass
@@ -61,7 +62,15 @@ class TrainConfig:
     max_tokens: int | None = None
     grad_accum_steps: int = 1
     eval_freq: int = 5
-    eval_iter: int = 1
+    # Evaluation (raygpt.loop.evaluate). spread: fixed windows spread evenly over each whole split,
+    # eval_tokens per split per report (ceil(eval_tokens / context_len) windows, at most the split);
+    # the last report's val loss reads final_eval_tokens (at least eval_tokens; null: the whole val
+    # split). first: the original recipe's first eval_iter micro-batches of each split, in order.
+    # Defaults measured on the default corpus: README "Evaluation".
+    eval_mode: str = "spread"
+    eval_tokens: int = 32768
+    final_eval_tokens: int | None = 262144
+    eval_iter: int = 1  # eval_mode first only
     save_freq: int = 50
     seed: int = 123
     start_context: str = "Every effort moves you"
@@ -163,7 +172,7 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-def _coerce(key: str, value: Any, hint: Any) -> Any:
+def coerce(key: str, value: Any, hint: Any) -> Any:
     """Check `value` against a type hint; allow int for float and the YAML-1.1 '1e-4' string."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -174,7 +183,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(key, value, arg)
+                return coerce(key, value, arg)
             except UserError:
                 pass
         raise UserError(f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
@@ -182,7 +191,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         (item_hint,) = typing.get_args(hint)
         if not isinstance(value, list):
             raise UserError(f"{key}: expected a list of {_type_name(item_hint)}, got {value!r}")
-        return [_coerce(f"{key}[{i}]", v, item_hint) for i, v in enumerate(value)]
+        return [coerce(f"{key}[{i}]", v, item_hint) for i, v in enumerate(value)]
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -218,7 +227,7 @@ def _build_section(name: str, raw: Any) -> Any:
         raw = {**PRESETS[preset], **raw}
     hints = typing.get_type_hints(cls)
     raw = {k: v.resolve(hints[k]) if isinstance(v, _Override) else v for k, v in raw.items()}
-    return cls(**{key: _coerce(f"{name}.{key}", value, hints[key]) for key, value in raw.items()})
+    return cls(**{key: coerce(f"{name}.{key}", value, hints[key]) for key, value in raw.items()})
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -274,6 +283,12 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value is not None and value <= 0:
             raise UserError(f"{key} must be > 0, got {value}")
+    if t.eval_mode not in EVAL_MODES:
+        raise UserError(f"train.eval_mode must be one of {', '.join(EVAL_MODES)}, got {t.eval_mode!r}")
+    if t.eval_tokens < 1:
+        raise UserError(f"train.eval_tokens must be >= 1, got {t.eval_tokens}")
+    if t.final_eval_tokens is not None and t.final_eval_tokens < 1:
+        raise UserError(f"train.final_eval_tokens must be >= 1 (or null: the whole split), got {t.final_eval_tokens}")
     if t.precision not in PRECISIONS:
         raise UserError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     if m.pad_vocab_multiple < 1:

@@ -3,7 +3,9 @@
 It runs the same under Ray Train (raygpt.train), under torchrun, or alone in one process; what
 differs is the `Runtime` the caller hands in (rank, device, how to wrap the model and loader,
 how to report). Per optimizer step: lr from the step, forward, cross-entropy, backward (with
-`no_sync` on inner accumulation micro-steps), clipping after warmup, AdamW step.
+`no_sync` on inner accumulation micro-steps), clipping after warmup, AdamW step. Every eval_freq
+steps: train and val loss over fixed windows spread across each whole split (`spread_windows`),
+shared among the workers; the last report reads a larger sample.
 """
 
 from __future__ import annotations
@@ -71,9 +73,9 @@ def plan_steps(train: TrainConfig, num_train_windows: int, num_workers: int, con
     return StepPlan(b // (w * a), steps_per_epoch, total)
 
 
-def plan_for(cfg: Config, data_dir: str) -> StepPlan:
-    """The plan of a config over a prepared data folder (reads only the manifest)."""
-    manifest = load_manifest(data_dir)
+def plan_for(cfg: Config, data_dir: str, manifest: dict[str, Any] | None = None) -> StepPlan:
+    """The plan of a config over a prepared data folder (reads only the manifest, unless given)."""
+    manifest = manifest or load_manifest(data_dir)
     stride = cfg.data.stride or cfg.model.context_len
     windows = num_windows(manifest["splits"]["train"]["tokens"], cfg.model.context_len, stride)
     if windows == 0:
@@ -108,12 +110,15 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.A
 # ----------------------------------------------------------------------------- runtime
 
 
-def save_to_run_dir(run_dir: str) -> Callable[[dict[str, Any], str | None, str | None], None]:
-    """The report of a run without Ray: copy each checkpoint into the run folder."""
+def save_to_run_dir(run_dir: str, keep: int | None = None) -> Callable[[dict[str, Any], str | None, str | None], None]:
+    """The report of a run without Ray Train: copy each checkpoint into the run folder, and with
+    `keep`, keep only that many (best by val_loss) plus the newest, as Ray Train would."""
 
     def report(metrics: dict[str, Any], folder: str | None, name: str | None) -> None:
         if folder is not None and name is not None:
             ckpt.upload(folder, ckpt.join(run_dir, name))
+            if keep is not None:
+                ckpt.prune_checkpoints(run_dir, keep)
 
     return report
 
@@ -133,6 +138,9 @@ class Runtime:
     # and its name are given on rank 0 only, and the folder is deleted once report returns.
     report: Callable[[dict[str, Any], str | None, str | None], None] = lambda metrics, folder, name: None
     log: Callable[[str], None] = print
+    # Steps that also save a checkpoint (besides every save_freq and the end): a search saves
+    # where early stopping may stop a trial, so a stopped trial keeps where it stopped.
+    extra_save_steps: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -170,19 +178,65 @@ def _fit_optimizer_rows(optimizer: torch.optim.Optimizer) -> None:
                     optimizer.state[p][key] = fit_rows(value, p.shape[0])
 
 
-def _mean_over_workers(value: float, rt: Runtime) -> float:
+# ----------------------------------------------------------------------------- evaluation
+
+
+def spread_windows(n_windows: int, count: int) -> list[int]:
+    """`count` window indices spread evenly over a split of `n_windows` windows (all of them when
+    count >= n_windows): sorted, distinct, gaps differing by at most one, the first and the last
+    window included (count >= 2; one window is the first). Pure: the same at every eval, on every
+    rank and on any worker count."""
+    count = max(0, min(count, n_windows))
+    if count <= 1:
+        return [0] * count
+    return [i * (n_windows - 1) // (count - 1) for i in range(count)]
+
+
+def eval_window_count(tokens: int | None, context_len: int, n_windows: int) -> int:
+    """Windows of an eval of `tokens` tokens: ceil(tokens / context_len), at most the split's
+    `n_windows` (None: the whole split)."""
+    return n_windows if tokens is None else min(n_windows, -(-tokens // context_len))
+
+
+def _sum_over_workers(values: list[float], rt: Runtime) -> list[float]:
+    """Element-wise sum over the workers, in float64 (the values themselves on one worker)."""
     if rt.world_size == 1 or not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=rt.device if rt.device.type == "cuda" else "cpu")
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=rt.device if rt.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
-    return t.item() / rt.world_size
+    return t.tolist()
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, batches: int, rt: Runtime, precision: str = "fp32") -> float:
-    """Mean cross-entropy over the first `batches` batches of `loader`, averaged over workers."""
+def evaluate(model: torch.nn.Module, ds: WindowDataset, windows: list[int], batch: int, rt: Runtime,
+             precision: str = "fp32") -> tuple[float, int]:
+    """(mean cross-entropy over the windows `windows` of `ds`, how many windows), shared among the
+    workers: this rank scores windows[rank::world_size], `batch` windows per forward pass, and the
+    per-window loss sums and counts are all-reduced in float64, so the mean over the same windows
+    is the same on any worker count up to float rounding. Draws no random number (no DataLoader)."""
     model.eval()
-    total, count = 0.0, 0
+    mine = windows[rt.rank::rt.world_size]
+    total = torch.zeros((), dtype=torch.float64, device=rt.device)
+    for start in range(0, len(mine), batch):
+        xs, ys = zip(*(ds[i] for i in mine[start:start + batch]))
+        x = torch.stack(xs).to(rt.device, non_blocking=True)
+        y = torch.stack(ys).to(rt.device, non_blocking=True)
+        with fastpath.autocast(rt.device, precision):
+            losses = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none")
+        total += losses.float().view(len(xs), -1).mean(dim=1).double().sum()
+    model.train()
+    loss_sum, count = _sum_over_workers([total.item(), float(len(mine))], rt)
+    return loss_sum / max(count, 1.0), int(count)
+
+
+@torch.no_grad()
+def evaluate_first(model: torch.nn.Module, loader: DataLoader, batches: int, rt: Runtime,
+                   precision: str = "fp32") -> tuple[float, int]:
+    """`train.eval_mode: first`, the original recipe's eval: the mean cross-entropy of the first
+    `batches` batches of `loader` (this rank's share of the split, in order), averaged over the
+    workers; and how many windows all workers read."""
+    model.eval()
+    total, count, windows = 0.0, 0, 0
     for i, (x, y) in enumerate(loader):
         if i >= batches:
             break
@@ -190,8 +244,11 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, batches: int, rt: Runti
         with fastpath.autocast(rt.device, precision):
             total += F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
         count += 1
+        windows += len(x)
     model.train()
-    return _mean_over_workers(total / max(count, 1), rt)
+    shared = rt.world_size > 1 and dist.is_initialized()
+    mean_sum, windows_all = _sum_over_workers([total / max(count, 1), float(windows)], rt)
+    return mean_sum / (rt.world_size if shared else 1), int(windows_all)
 
 
 def generate_sample(model: torch.nn.Module, prompt: str, device: torch.device, seed: int,
@@ -271,13 +328,34 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
     pin = rt.device.type == "cuda"
     loader = rt.wrap_loader(DataLoader(train_ds, batch_size=plan.micro_batch, sampler=sampler, drop_last=True,
                                        pin_memory=pin))
-    # Eval loaders read windows in order (the seed's val loader; a fixed train subset for the
-    # train loss), each worker its own share.
-    eval_loaders = {}
-    for split in ("train", "val"):
-        ds = train_ds if split == "train" else WindowDataset(data_dir, "val", m.context_len, m.context_len)
-        es = DistributedSampler(ds, num_replicas=rt.world_size, rank=rt.rank, shuffle=False)
-        eval_loaders[split] = DataLoader(ds, batch_size=plan.micro_batch, sampler=es, pin_memory=pin)
+    # Evaluation reads the train split's windows and the val split's non-overlapping windows.
+    eval_ds = {"train": train_ds, "val": WindowDataset(data_dir, "val", m.context_len, m.context_len)}
+    eval_loaders: dict[str, DataLoader] = {}
+    eval_windows: dict[tuple[str, bool], list[int]] = {}
+    if t.eval_mode == "first":  # each worker the first eval_iter micro-batches of its share, in order
+        for split, ds in eval_ds.items():
+            es = DistributedSampler(ds, num_replicas=rt.world_size, rank=rt.rank, shuffle=False)
+            eval_loaders[split] = DataLoader(ds, batch_size=plan.micro_batch, sampler=es, pin_memory=pin)
+    else:  # fixed windows spread over each whole split; the last report reads more val windows
+        final_tokens = None if t.final_eval_tokens is None else max(t.final_eval_tokens, t.eval_tokens)
+        for split, final, tokens in (("train", False, t.eval_tokens), ("val", False, t.eval_tokens),
+                                     ("val", True, final_tokens)):
+            n = len(eval_ds[split])
+            eval_windows[split, final] = spread_windows(n, eval_window_count(tokens, m.context_len, n))
+
+    def evaluate_splits(final: bool) -> dict[str, Any]:
+        """Train and val loss, the tokens each read, the seconds both took, and whether this was
+        the final eval (its larger val sample)."""
+        raw, t0, out = _unwrap(model), time.perf_counter(), {}
+        for split, ds in eval_ds.items():
+            if t.eval_mode == "first":
+                out[split] = evaluate_first(raw, eval_loaders[split], t.eval_iter, rt, precision)
+            else:
+                windows = eval_windows[split, final and split == "val"]
+                out[split] = evaluate(raw, ds, windows, plan.micro_batch, rt, precision)
+        return {"train_loss": out["train"][0], "val_loss": out["val"][0],
+                "eval_tokens": out["val"][1] * m.context_len, "train_eval_tokens": out["train"][1] * m.context_len,
+                "eval_time": time.perf_counter() - t0, "final_eval": final and t.eval_mode == "spread"}
 
     def checkpoint_state(elapsed: float, val_loss: float | None) -> dict[str, Any]:
         return {**state.checkpoint_fields(t.batch_size), "elapsed": elapsed, "val_loss": val_loss,
@@ -286,14 +364,13 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
     flops_per_token = perf.model_flops_per_token(m)
     peak = perf.device_peak(rt.device, precision, cfg.run.peak_tflops) if rank0 else None
 
-    def report(steps: int, step_seconds: float, save: bool) -> dict[str, Any]:
-        """Evaluate, log and (if `save`) checkpoint; throughput over the `steps` since the last report."""
-        raw = _unwrap(model)
+    def report(steps: int, step_seconds: float, save: bool, final: bool = False) -> dict[str, Any]:
+        """Evaluate (`final`: the larger final sample), log and (if `save`) checkpoint; throughput
+        over the `steps` since the last report."""
         tokens_per_s = steps * t.batch_size * m.context_len / step_seconds if step_seconds > 0 else 0.0
         metrics = {
             "step": state.step, "epoch": state.epoch,
-            "train_loss": evaluate(raw, eval_loaders["train"], t.eval_iter, rt, precision),
-            "val_loss": evaluate(raw, eval_loaders["val"], t.eval_iter, rt, precision),
+            **evaluate_splits(final),
             "lr": warmup_cosine_lr(max(state.step - 1, 0), plan.total_steps, o.warmup_steps, o.initial_lr,
                                    o.peak_lr, o.min_lr),
             "tokens_seen": state.tokens_seen,
@@ -378,9 +455,9 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
                 if stop.requested():
                     save_before_exit()
                 done = state.step >= plan.total_steps
-                save = state.step % t.save_freq == 0 or done
+                save = state.step % t.save_freq == 0 or done or state.step in rt.extra_save_steps
                 if save or state.step % t.eval_freq == 0:
-                    metrics = report(window_steps, window_seconds, save)
+                    metrics = report(window_steps, window_seconds, save, final=done)
                     window_steps, window_seconds = 0, 0.0
                 recovery.maybe_inject_fault(cfg.fault, state.step, rt.rank, rt.run_dir, rt.log)
                 if epoch_done or done:
@@ -421,6 +498,8 @@ def progress_line(m: dict[str, Any]) -> str:
            f"{m.get('step_time', 0) * 1000:.0f} ms/step, MFU {_percent(m.get('mfu'))}) | "
            if m.get("step_time", 1) else "")
         + f"{m['tokens_seen']:,} tokens | {m['elapsed']:.1f} s"
+        + (f" | final eval: {m['eval_tokens']:,} val tokens, {m['eval_time']:.1f} s" if m.get("final_eval")
+           else f" | eval {m['eval_time']:.1f} s" if "eval_time" in m else "")
     )
 
 

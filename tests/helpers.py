@@ -26,15 +26,58 @@ def make_corpus(folder: Path) -> Path:
 
 
 def tiny_overrides(data_dir: Path | str, storage: Path | str) -> list[str]:
-    """`--set` values for a model small enough for seconds per run: 32 wide, 2 layers, context 16."""
+    """`--set` values for a model small enough for seconds per run: 32 wide, 2 layers, context 16;
+    evals of 256 tokens per split (1,024 at the last report)."""
     return [
         "model.preset=null", "model.embedding_dim=32", "model.num_layers=2", "model.num_heads=2",
         "model.context_len=16", "model.dropout=0.0", f"data.dir={data_dir}", "data.source=null",
         f"run.storage_path={storage}", "train.batch_size=8", "train.max_steps=12", "train.eval_freq=4",
-        "train.save_freq=4", "train.eval_iter=2", "train.seed=7", "optim.peak_lr=0.01", "optim.initial_lr=0.001",
+        "train.save_freq=4", "train.eval_iter=2", "train.eval_tokens=256", "train.final_eval_tokens=1024",
+        "train.seed=7", "optim.peak_lr=0.01", "optim.initial_lr=0.001",
         "optim.min_lr=0.001", "optim.warmup_steps=2", "run.num_workers=1",
     ]
 
 
 def tiny_config(data_dir: Path | str, storage: Path | str, *overrides: str) -> Config:
     return load_config(None, tiny_overrides(data_dir, storage) + list(overrides))
+
+
+def prose_documents() -> list[str]:
+    """English prose: the 79 documents of `pydoc_data.topics` (Python's reference documentation as
+    `help()` shows it, ~465 KB), in key order. Always present with Python."""
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics)]
+
+
+def make_prose_corpus(folder: Path, *, easy_head: str | None = None, val_fraction: float = 0.2) -> Path:
+    """A second kind of text beside the code of `make_corpus`: the pydoc topics prepared into
+    folder/data (every 1/val_fraction-th document to val: at 0.2, 15 documents, 10k val tokens;
+    31k with `easy_head`, which shifts which documents land in val).
+
+    `easy_head`: a document placed first in both splits (the first train and the first val
+    document), so the val split starts with text unlike the rest of it."""
+    from raygpt.data import is_val_document
+
+    docs = prose_documents()
+    if easy_head is not None:
+        first_val = next(i for i in range(len(docs)) if is_val_document(i, val_fraction))
+        docs = [easy_head] + docs[:first_val - 1] + [easy_head] + docs[first_val - 1:]
+        assert is_val_document(first_val, val_fraction) and not is_val_document(0, val_fraction)
+    src = folder / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    for i, text in enumerate(docs):
+        (src / f"doc{i:03d}.txt").write_text(text)
+    out = folder / "data"
+    prepare([str(src)], out, val_fraction=val_fraction, context_len=16, log=lambda *a: None, progress=False)
+    return out
+
+
+def search_raw(data_dir: Path | str, storage: Path | str, space: dict | None = None, **tune) -> dict:
+    """A search file (as a dict) over the tiny config: by default peak_lr x batch_size, the
+    learning rates listed weakest first (0.0001 is below initial_lr: refused before launch)."""
+    base = tiny_config(data_dir, storage, "train.eval_freq=2", "train.save_freq=6", "run.num_to_keep=1").to_dict()
+    base["run"]["name"] = None
+    return {**base, "search": space or {"optim.peak_lr": {"grid": [0.0001, 0.002, 0.005, 0.03]},
+                                        "train.batch_size": {"grid": [4, 8]}},
+            "tune": {"grace_period": 2, "reduction_factor": 2, "max_concurrent_trials": 2, **tune}}

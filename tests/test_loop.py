@@ -1,17 +1,27 @@
 """The loop without Ray (one process): planning, accumulation, reproducibility, resume."""
 
 import json
+import os
 import shutil
+import socket
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from raygpt.config import TrainConfig
+from raygpt.config import TrainConfig, load_config
+from raygpt.data import WindowDataset
 from raygpt.errors import UserError
-from raygpt.loop import build_optimizer, plan_steps, read_events, read_metrics, run_without_ray, step_seed
+from raygpt.generate import load_model
+from raygpt.loop import (build_optimizer, plan_steps, read_events, read_metrics, run_without_ray, spread_windows,
+                         step_seed)
 from raygpt.model import GPTModel
 
-from helpers import make_corpus, tiny_config
+from helpers import make_corpus, make_prose_corpus, tiny_config, tiny_overrides
+
+# A val split whose head is far easier than the rest: this repetitive document comes first in it
+# (and in train, so the model learns it), then the pydoc topics' prose.
+EASY_HEAD = " the" * 2000
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +147,106 @@ def test_epochs_roll_over_and_resume_mid_epoch(data_dir, tmp_path):
     run(cfg, data_dir, part)
     a, b = weights(tmp_path / "whole", 120), weights(part, 120)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@pytest.fixture(scope="module")
+def prose_dir(tmp_path_factory):
+    return make_prose_corpus(tmp_path_factory.mktemp("prose"), easy_head=EASY_HEAD)
+
+
+def whole_split_loss(checkpoint, data_dir, split="val"):
+    """Mean cross-entropy over every non-overlapping window of a split, from the checkpoint alone."""
+    model, state = load_model(str(checkpoint))
+    context_len = state["config"]["model"]["context_len"]
+    ds = WindowDataset(data_dir, split, context_len, context_len)
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(ds), 64):
+            xs, ys = zip(*(ds[i] for i in range(start, min(start + 64, len(ds)))))
+            logits = model(torch.stack(xs))
+            total += F.cross_entropy(logits.flatten(0, 1), torch.stack(ys).flatten(), reduction="sum").double().item()
+    return total / (len(ds) * context_len)
+
+
+@pytest.mark.parametrize("n, count", [(10, 3), (1000, 7), (1944, 512), (5, 5), (5, 50), (2, 2), (100, 99)])
+def test_spread_windows_are_evenly_spaced_over_the_whole_split(n, count):
+    picked = spread_windows(n, count)
+    assert picked == spread_windows(n, count)  # a pure function: the same at every eval, on every rank
+    assert len(picked) == min(n, count) and len(set(picked)) == len(picked) and picked == sorted(picked)
+    assert picked[0] == 0 and picked[-1] == n - 1  # the beginning and the end of the split
+    gaps = [b - a for a, b in zip(picked, picked[1:])]
+    assert max(gaps) - min(gaps) <= 1
+    assert spread_windows(n, 10**9) == list(range(n))  # capped: the whole split
+
+
+def test_spread_windows_edge_cases():
+    assert spread_windows(7, 1) == [0] and spread_windows(0, 5) == [] and spread_windows(1, 3) == [0]
+
+
+def test_final_val_loss_is_the_whole_split_loss_and_first_batches_are_not(prose_dir, tmp_path, capsys):
+    # 1,938 val windows of 16 tokens, the first 125 of them the easy head. Reports read 2,048
+    # tokens (128 windows) spread over the split; the last report 4,096 (256 windows) of val.
+    sizes = ("train.eval_tokens=2048", "train.final_eval_tokens=4096")
+    spread = tiny_config(prose_dir, tmp_path, *sizes)
+    run(spread, prose_dir, tmp_path / "spread")
+    out = capsys.readouterr().out
+    rows = read_metrics(str(tmp_path / "spread"))
+    assert [r["step"] for r in rows] == [0, 4, 8, 12]
+    assert [r["final_eval"] for r in rows] == [False, False, False, True]
+    assert [r["eval_tokens"] for r in rows] == [2048, 2048, 2048, 4096]
+    assert [r["train_eval_tokens"] for r in rows] == [2048] * 4  # the larger final sample is val's only
+    assert all(r["eval_time"] > 0 for r in rows)
+    lines = [line for line in out.splitlines() if line.startswith("step")]
+    assert len(lines) == 4 and all(" | eval " in line for line in lines[:3])
+    assert " | final eval: 4,096 val tokens, " in lines[-1]
+
+    whole = whole_split_loss(tmp_path / "spread" / "checkpoint_0000012", prose_dir)
+    assert abs(rows[-1]["val_loss"] - whole) / whole < 0.01, (rows[-1]["val_loss"], whole)
+    # An ordinary report (128 windows) too, against the step-8 checkpoint.
+    whole8 = whole_split_loss(tmp_path / "spread" / "checkpoint_0000008", prose_dir)
+    assert abs(rows[2]["val_loss"] - whole8) / whole8 < 0.02, (rows[2]["val_loss"], whole8)
+
+    # The original recipe's mode reads the first eval_iter micro-batches: only the easy head.
+    first = tiny_config(prose_dir, tmp_path, *sizes, "train.eval_mode=first")
+    run(first, prose_dir, tmp_path / "first")
+    first_rows = read_metrics(str(tmp_path / "first"))
+    assert [r["eval_tokens"] for r in first_rows] == [2 * 8 * 16] * 4 and not first_rows[-1]["final_eval"]
+    assert first_rows[-1]["val_loss"] < 0.9 * whole
+    # Evaluation never touches training: both runs end with the same weights.
+    a, b = weights(tmp_path / "spread", 12), weights(tmp_path / "first", 12)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, overrides, data_dir, run_dir):
+    """One rank of a torchrun-like DDP run without Ray (torch.multiprocessing.spawn calls this)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    run_without_ray(load_config(None, overrides), data_dir, run_dir)
+
+
+def test_spread_eval_is_the_same_on_one_and_two_workers(prose_dir, tmp_path):
+    overrides = tiny_overrides(prose_dir, tmp_path) + [
+        "train.max_steps=4", "train.eval_freq=2", "train.save_freq=4", "train.eval_tokens=1000",
+        "train.final_eval_tokens=3000"]
+    run(load_config(None, overrides), prose_dir, tmp_path / "one")
+    torch.multiprocessing.spawn(_rank_main, args=(2, _free_port(), overrides, str(prose_dir), str(tmp_path / "two")),
+                                nprocs=2)
+    one, two = read_metrics(str(tmp_path / "one")), read_metrics(str(tmp_path / "two"))
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [0, 2, 4]
+    for a, b in zip(one, two):
+        # 63 windows (1,008 tokens), 188 at the end, split between the ranks and summed in float64.
+        assert a["eval_tokens"] == b["eval_tokens"] == (3008 if a["final_eval"] else 1008)
+        assert a["train_eval_tokens"] == b["train_eval_tokens"] == 1008
+        assert a["final_eval"] == b["final_eval"]
+        for key in ("val_loss", "train_loss"):
+            assert abs(a[key] - b[key]) <= 1e-6 * abs(a[key]), (key, a["step"], a[key], b[key])
