@@ -8,6 +8,7 @@ finished experiment copied off a cluster's storage still analyses and its checkp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import yaml
 from raygpt import checkpoint as ckpt
 from raygpt.errors import UserError
 from raygpt.loop import read_metrics
-from raygpt.tune import SEARCH_FILE, TuneSettings, search_base, trial_config
+from raygpt.search import SEARCH_FILE, TuneSettings, search_base, settings_from_dict, trial_config
 
 TABLE = "trials"  # .csv and .parquet
 BEST_CONFIG = "best_config.yaml"
@@ -35,7 +36,13 @@ class Analysis:
     configs: dict[str, dict[str, Any]]  # trial id -> its complete training config
     settings: TuneSettings
     tokens_trained: int
-    tokens_full_grid: int
+    tokens_full_grid: int  # every launched trial run to max_t
+    concurrency: str = ""  # how many trials ran at once, and why
+    errors: dict[str, str] = dataclasses.field(default_factory=dict)  # trial id -> one-line cause
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.errors)
 
 
 def _rung(stopped_at: float, settings: TuneSettings) -> int:
@@ -68,13 +75,16 @@ def analyze(experiment_dir: str) -> Analysis:
     if not ckpt.exists(search_uri):
         raise UserError(f"no raygpt experiment in {experiment_dir} (no {SEARCH_FILE})")
     search = yaml.safe_load(ckpt.read_text(search_uri))
-    settings = TuneSettings(**search["tune"])
+    settings = settings_from_dict(search["tune"])
+    launch = search.get("launch") or {}
+    max_t = launch.get("max_t")
+    planned = {_key(o): t for o, t in zip(launch.get("order") or [], launch.get("total_steps") or [])}
     varied = list(search["search"])
     try:
         ea = ExperimentAnalysis(experiment_dir)
     except ValueError:
         raise UserError(f"no Tune experiment state in {experiment_dir}; the search never started") from None
-    rows, curves, configs = [], {}, {}
+    rows, curves, configs, errors = [], {}, {}, {}
     trained = full = 0
     base = search_base(search)
     for trial in ea.trials:
@@ -85,12 +95,14 @@ def analyze(experiment_dir: str) -> Analysis:
         curves[trial.trial_id] = metrics
         configs[trial.trial_id] = cfg
         tokens_per_step = cfg["train"]["batch_size"] * cfg["model"]["context_len"]
-        total_steps = metrics[-1]["total_steps"] if metrics else None
+        total_steps = metrics[-1]["total_steps"] if metrics else planned.get(_key(hp))
         last = metrics[-1] if metrics else {}
         steps = last.get("step", 0)
         tokens = last.get("tokens_seen", 0)
         trained += tokens
-        full += (total_steps or 0) * tokens_per_step
+        full += _tokens_to_max_t(total_steps or 0, tokens_per_step, settings.time_attr, max_t)
+        if trial.status == "ERROR":
+            errors[trial.trial_id] = _error_cause(trial)
         finished_early = trial.status == "TERMINATED" and total_steps is not None and steps < total_steps
         best_uri, _ = _best_checkpoint(run_dir)
         time_value = steps if settings.time_attr == "step" else tokens
@@ -105,11 +117,40 @@ def analyze(experiment_dir: str) -> Analysis:
             "stopped_early": finished_early,
             "rung": _rung(time_value, settings) if finished_early else None,
             "status": trial.status,
+            "error": errors.get(trial.trial_id),
             "best_checkpoint": os.path.relpath(best_uri, experiment_dir) if best_uri and not ckpt.is_uri(best_uri)
             else (best_uri[len(experiment_dir) + 1:] if best_uri else None),
         })
     rows.sort(key=lambda r: (r["best_val_loss"] is None, r["best_val_loss"] if r["best_val_loss"] is not None else 0))
-    return Analysis(experiment_dir, rows, varied, curves, configs, settings, trained, full)
+    return Analysis(experiment_dir, rows, varied, curves, configs, settings, trained, full,
+                    launch.get("concurrency", ""), errors)
+
+
+def _key(overrides: dict[str, Any]) -> str:
+    return json.dumps(overrides, sort_keys=True)
+
+
+def _tokens_to_max_t(total_steps: int, tokens_per_step: int, time_attr: str, max_t: float | None) -> int:
+    """The tokens a trial trains when nothing stops it before max_t (ASHA's last rung)."""
+    if max_t is None:
+        return total_steps * tokens_per_step
+    if time_attr == "step":
+        return min(total_steps, math.ceil(max_t)) * tokens_per_step
+    return min(total_steps, math.ceil(max_t / tokens_per_step)) * tokens_per_step
+
+
+def _error_cause(trial: Any) -> str:
+    """The one line of a trial's error that says what went wrong (the last `Type: message` line
+    of the traceback Tune saved), with where the whole traceback is."""
+    try:
+        text = trial.get_error() or ""
+    except Exception:  # the error file is gone or unreadable: say so rather than fail the analysis
+        text = ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    causes = [line for line in lines if not line.startswith(("File ", "^", "~", "During handling", "The above", "Traceback"))
+              and ": " in line and line.split(":", 1)[0].replace(".", "").replace("_", "").isalnum()]
+    cause = causes[-1] if causes else (lines[-1] if lines else "no error text saved")
+    return f"{cause} (traceback: {trial.error_file})" if trial.error_file else cause
 
 
 def best_config(analysis: Analysis) -> dict[str, Any]:
@@ -182,9 +223,14 @@ def format_table(analysis: Analysis) -> str:
     widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
     lines = ["  ".join(k.ljust(w) for k, w in zip(keys, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
-    saved = 1 - analysis.tokens_trained / analysis.tokens_full_grid if analysis.tokens_full_grid else 0.0
-    lines.append(f"tokens trained: {analysis.tokens_trained:,} of {analysis.tokens_full_grid:,} for the full grid "
-                 f"({analysis.tokens_trained / max(analysis.tokens_full_grid, 1):.0%}; ASHA saved {saved:.0%})")
+    full = analysis.tokens_full_grid
+    saved = 1 - analysis.tokens_trained / full if full else 0.0
+    lines.append(f"tokens trained: {analysis.tokens_trained:,} of {full:,} for every trial run to max_t "
+                 f"({analysis.tokens_trained / max(full, 1):.0%}; early stopping saved {saved:.0%})")
+    if analysis.concurrency:
+        lines.append(f"concurrency: {analysis.concurrency}")
+    for trial_id, cause in analysis.errors.items():
+        lines.append(f"trial {trial_id} ERROR: {cause}")
     return "\n".join(lines)
 
 
@@ -196,6 +242,9 @@ def report(experiment_dir: str, out_dir: str | None = None, log=print) -> Analys
     log(format_table(analysis))
     paths = write_outputs(analysis, out_dir)
     best = analysis.rows[0]
-    log(f"best trial {best['trial_id']}: val loss {best['best_val_loss']:.4f}, checkpoint {best['best_checkpoint']}")
+    if best["best_val_loss"] is None:
+        log("no trial reported a val loss")
+    else:
+        log(f"best trial {best['trial_id']}: val loss {best['best_val_loss']:.4f}, checkpoint {best['best_checkpoint']}")
     log(f"wrote {paths['csv']}, {paths['parquet']}, {paths['best_config']}, {paths['curves']}")
     return analysis

@@ -9,6 +9,7 @@ dicts, loaded with `torch.load(weights_only=True)`: no arbitrary unpickling) and
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -80,6 +81,28 @@ def list_checkpoints(run_uri: str) -> list[str]:
     infos = fs.get_file_info(pafs.FileSelector(path))
     names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
     return [join(run_uri, n) for n in names]
+
+
+def prune_checkpoints(run_uri: str, keep: int) -> list[str]:
+    """Keep the `keep` checkpoints of lowest val_loss (as their state.json says) and the newest,
+    as Ray Train's CheckpointConfig(num_to_keep) does; delete the others. Returns the deleted."""
+    uris = list_checkpoints(run_uri)
+    if len(uris) <= keep:
+        return []
+
+    def val_loss(uri: str) -> float:
+        try:
+            loss = json.loads(read_text(join(uri, "state.json"))).get("val_loss")
+        except (OSError, ValueError):
+            return math.inf
+        return loss if isinstance(loss, (int, float)) else math.inf
+
+    kept = set(sorted(uris, key=val_loss)[:keep]) | {uris[-1]}
+    deleted = [uri for uri in uris if uri not in kept]
+    for uri in deleted:
+        fs, path = filesystem(uri)
+        fs.delete_dir(path)
+    return deleted
 
 
 def upload(local_dir: str, uri: str) -> None:

@@ -72,6 +72,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     bp.set_defaults(func=_run_bench_prepare)
     bt = what.add_parser("tune", help="the same 16-configuration grid with and without ASHA")
     bt.add_argument("--address", help="Ray cluster to join (default: start a local Ray)")
+    bt.add_argument("--data", default="data/stdlib", help="prepared data (default data/stdlib, prepared if missing)")
+    bt.add_argument("--arms", default="full_grid,asha,asha_trainer",
+                    help="which searches to run, comma-separated (default full_grid,asha,asha_trainer)")
     bt.set_defaults(func=_run_bench_tune)
 
 
@@ -153,7 +156,8 @@ def _run_tune(args: argparse.Namespace) -> None:
     from raygpt.analysis import report
     from raygpt.data import has_manifest
     from raygpt.shared_data import prepare_to
-    from raygpt.tune import load_search, resume_search, run_search
+    from raygpt.search import load_search
+    from raygpt.tune import resume_search, run_search
 
     if args.resume:
         experiment = resume_search(args.resume, address=args.address)
@@ -165,7 +169,12 @@ def _run_tune(args: argparse.Namespace) -> None:
         if data.get("source") and not has_manifest(data.get("dir", "")):
             prepare_to(data["dir"], source=data["source"])
         experiment = run_search(search, address=args.address)
-    report(experiment)
+    analysis = report(experiment)
+    if analysis.failed:
+        from raygpt.train import TrainingFailed
+
+        raise TrainingFailed(f"search failed: {len(analysis.errors)} of {len(analysis.rows)} trials ended in ERROR "
+                             f"(causes above; experiment: {experiment})")
 
 
 def _add_analyze(sub: argparse._SubParsersAction) -> None:
@@ -201,7 +210,12 @@ def _run_generate(args: argparse.Namespace) -> None:
 def _run_bench_tune(args: argparse.Namespace) -> None:
     from raygpt.bench import bench_tune
 
-    bench_tune(args.address)
+    from raygpt.bench import TUNE_ARMS
+
+    arms = args.arms.split(",")
+    if set(arms) - set(TUNE_ARMS):
+        raise UserError(f"--arms takes {', '.join(TUNE_ARMS)}, got {args.arms!r}")
+    bench_tune(args.address, args.data, arms)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -140,18 +140,30 @@ def check_resources(cfg: Config, log=print) -> None:
         if not may_grow:
             raise UserError(message)
         log(f"{message}; waiting up to run.resource_wait_s={r.resource_wait_s:g} s for the autoscaler")
-    largest = state.get_max_resources_from_cluster_config()  # None: no autoscaler v2
-    if largest or not may_grow:
-        have = largest if largest else ray.cluster_resources()
+    have, grows = cluster_capacity(may_grow)
+    if have is not None:
         for resource, amount in per_worker.items():
             if amount * r.num_workers > have.get(resource, 0):
-                kind = "can grow to at most" if largest else "has"
+                kind = "can grow to at most" if grows else "has"
                 raise UserError(
                     f"the run asks for {amount * r.num_workers:g} {resource} ({r.num_workers} workers x "
                     f"{amount:g}) but the cluster {kind} {have.get(resource, 0):g} {resource}"
                 )
-    # Ray Train waits this long for the workers' resources (an autoscaler may be adding nodes).
-    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(r.resource_wait_s)
+
+
+def cluster_capacity(may_grow: bool | None = None) -> tuple[dict[str, float] | None, bool]:
+    """The most resources the cluster can ever hold, and whether that is more than it has now:
+    an autoscaler v2's largest shape, the cluster as it is when nothing adds nodes, or None when
+    a V1 autoscaler may add nodes of shapes it does not publish."""
+    import ray
+    from ray._private.state import state
+
+    largest = state.get_max_resources_from_cluster_config()  # None: no autoscaler v2
+    if largest:
+        return largest, True
+    if may_grow is None:
+        may_grow = autoscaler_adds_nodes_of_unknown_shape()
+    return (None, True) if may_grow else (ray.cluster_resources(), False)
 
 
 def _resources_never_came(cfg: Config) -> str:
@@ -248,22 +260,27 @@ def ray_worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         wrap_model=lambda model: ray.train.torch.prepare_model(
             model, parallel_strategy_kwargs={"gradient_as_bucket_view": True}),
         wrap_loader=lambda loader: ray.train.torch.prepare_data_loader(loader, move_to_device=False),
-        report=_ray_report, log=_worker_log,
+        report=_ray_report, log=_worker_log, extra_save_steps=frozenset(loop_config.get("extra_save_steps", ())),
     )
     return train_loop(cfg, loop_config["data_dir"], rt)
 
 
-def build_trainer(cfg: Config, paths: RunPaths, data_dir: str, extra_callbacks: list | None = None):
+def build_trainer(cfg: Config, paths: RunPaths, data_dir: str, extra_callbacks: list | None = None,
+                  start_timeout_s: float | None = None, extra_save_steps: tuple[int, ...] = ()):
+    """A TorchTrainer for the run. Its workers' resources are waited for `start_timeout_s`
+    (default run.resource_wait_s: an autoscaler may be adding nodes), then the run fails."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.api.config import LoggingConfig
     from ray.train.torch import TorchTrainer
 
     r = cfg.run
     resources = worker_resources(cfg)
+    # Read where fit() is called and passed on to the Train controller.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(start_timeout_s or r.resource_wait_s)
     return TorchTrainer(
         ray_worker_loop,
         train_loop_config={"config": cfg.to_dict(), "run_dir": paths.uri, "data_dir": data_dir,
-                           "fit_id": uuid.uuid4().hex},
+                           "fit_id": uuid.uuid4().hex, "extra_save_steps": list(extra_save_steps)},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=paths.name,

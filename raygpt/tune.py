@@ -1,231 +1,184 @@
-"""Hyperparameter search on Ray Tune: the seed's grid as parallel trials with ASHA early stopping.
+"""Hyperparameter search on Ray Tune: trials in parallel, ASHA stopping weak ones early.
 
-Each trial is the same Ray Train run as `raygpt train` (Train V2: a Tune function trial builds
-and fits a TorchTrainer; TuneReportCallback passes worker reports up to Tune for ASHA). Trials
-are expanded and validated here before launch, so a combination the trainer would reject is
-never started; the experiment folder holds the search file, Tune's state, and each trial's
-Train run as `train-<trial id>`.
+Each trial trains one config of the search (raygpt.search expands and validates them) into its
+own run folder `train-<trial id>` inside the experiment folder, with the same loop as `raygpt
+train`. A 1-worker trial runs the loop inside the Tune trial itself (Tune reserves its worker's
+CPUs/GPU; no Train controller to start); a multi-worker trial builds and fits a TorchTrainer
+(Train V2), whose TuneReportCallback passes reports up to ASHA. Either way a trial reports at
+every eval, saves where ASHA may stop it, and a retried or resumed trial continues from the
+newest valid checkpoint in its run folder.
+
+Trials never start more at once than the cluster fits: in Train V2, Tune does not reserve a
+multi-worker trial's workers, so the cap is computed here from what one trial holds.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 import math
-import os
-import random
-from dataclasses import dataclass, field
+import secrets
+import time
+import uuid
 from typing import Any
 
 import yaml
 
 from raygpt import checkpoint as ckpt
-from raygpt.config import SECTIONS, Config, config_from_dict
+from raygpt.config import Config
 from raygpt.errors import UserError
-from raygpt.loop import plan_for
+from raygpt.search import SEARCH_FILE, Search, Trial, TuneSettings, check_trial, describe, expand, search_base, \
+    settings_from_dict, trial_config
 
-SEARCH_FILE = "search.yaml"
-# What the trainer reports at every eval: the metrics and time counters a search may use.
-REPORTED = ("step", "epoch", "train_loss", "val_loss", "lr", "tokens_seen", "tokens_per_s", "elapsed")
-TIME_ATTRS = ("step", "tokens_seen")
-DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
-
-
-@dataclass
-class TuneSettings:
-    name: str | None = None  # experiment folder under run.storage_path; None: a unique name
-    num_samples: int = 1  # draws of the distributions per grid point
-    max_concurrent_trials: int = 0  # 0: as many as the cluster fits
-    metric: str = "val_loss"
-    mode: str = "min"
-    time_attr: str = "step"  # a counter the trainer reports (restarts do not reset it)
-    grace_period: int = 10
-    reduction_factor: float = 3.0
-    max_t: int | None = None  # None: the longest trial's total (steps or tokens)
-    early_stopping: bool = True  # false: run every trial to the end (the full-grid baseline)
-    seed: int = 0  # for the draws of uniform / loguniform / choice
+# A multi-worker trial's driver only waits on its Train controller; it reserves a token amount of
+# memory (Tune refuses an empty reservation) so that every CPU goes to training workers.
+DRIVER_RESOURCES = {"memory": 1}
+# A multi-worker trial's workers wait at least this long for their resources: a trial stopped by
+# ASHA frees its workers' placement group only some seconds after it is stopped.
+MIN_TRIAL_START_WAIT_S = 600.0
 
 
-@dataclass
-class Search:
-    base: dict[str, Any]  # the training config, as a raw dict
-    space: dict[str, dict[str, Any]]  # "section.key" -> {"grid": [...]} / {"uniform": [lo, hi]} / ...
-    settings: TuneSettings = field(default_factory=TuneSettings)
+# ----------------------------------------------------------------------------- what a trial holds
 
 
-@dataclass
-class Trial:
-    overrides: dict[str, Any]
-    config: Config
-    total_steps: int
-    total_tokens: int
+def runs_in_trial(cfg: Config, settings: TuneSettings) -> bool:
+    """1-worker trials run the loop inside the Tune trial (no Train controller, no worker group)."""
+    return cfg.run.num_workers == 1 and settings.in_process
 
 
-# ----------------------------------------------------------------------------- the search file
+def trial_reservation(cfg: Config, settings: TuneSettings) -> dict[str, float]:
+    """What Tune reserves for one trial."""
+    from raygpt.train import worker_resources
+
+    return worker_resources(cfg) if runs_in_trial(cfg, settings) else dict(DRIVER_RESOURCES)
 
 
-def _valid_keys() -> list[str]:
-    import dataclasses
+def trial_footprint(cfg: Config, settings: TuneSettings) -> dict[str, float]:
+    """Everything one trial holds while it trains: its reservation plus, for a multi-worker
+    trial, the workers its Train controller asks for on its own."""
+    from raygpt.train import worker_resources
 
-    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
-
-
-def parse_search(raw: dict[str, Any], overrides: list[str] = ()) -> Search:
-    """Split a search file into the base config, the search space and the Tune settings."""
-    from raygpt.config import apply_overrides
-
-    if not isinstance(raw, dict):
-        raise UserError("a search file must be a mapping with the config sections, `search` and `tune`")
-    raw = copy.deepcopy(raw)
-    space = raw.pop("search", None)
-    settings_raw = raw.pop("tune", None) or {}
-    if not isinstance(space, dict) or not space:
-        raise UserError("the search file needs a non-empty `search` section: section.key: {grid: [...]}")
-    tune_sets = [o for o in overrides if o.startswith("tune.")]
-    for item in tune_sets:
-        key, _, value = item[len("tune."):].partition("=")
-        settings_raw[key] = yaml.safe_load(value)
-    raw = apply_overrides(raw, [o for o in overrides if not o.startswith("tune.")])
-    config_from_dict(copy.deepcopy(raw))  # the base config must be valid on its own
-    valid = _valid_keys()
-    for key, spec in space.items():
-        if key not in valid:
-            raise UserError(f"search key {key!r} is not a config key; valid keys: {', '.join(valid)}")
-        if key.startswith("run.") or key == "data.dir":
-            raise UserError(f"search key {key!r}: run settings and the data folder are fixed for a search")
-        _check_spec(key, spec)
-    known = [f.name for f in __import__("dataclasses").fields(TuneSettings)]
-    for key in settings_raw:
-        if key not in known:
-            raise UserError(f"unknown tune setting 'tune.{key}'; valid: {', '.join(known)}")
-    settings = TuneSettings(**settings_raw)
-    _check_settings(settings)
-    return Search(raw, space, settings)
+    if runs_in_trial(cfg, settings):
+        return worker_resources(cfg)
+    return {k: v * cfg.run.num_workers for k, v in worker_resources(cfg).items()}
 
 
-def _check_spec(key: str, spec: Any) -> None:
-    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-        raise UserError(f"search.{key}: give one of {', '.join(DISTRIBUTIONS)}, e.g. {{grid: [1, 2]}}; got {spec!r}")
-    (kind, values), = spec.items()
-    if kind in ("grid", "choice"):
-        if not isinstance(values, list) or not values:
-            raise UserError(f"search.{key}: {kind} needs a non-empty list, got {values!r}")
-    else:
-        if (not isinstance(values, list) or len(values) != 2
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
-            raise UserError(f"search.{key}: {kind} needs [low, high], got {values!r}")
-        low, high = values
-        if low >= high:
-            raise UserError(f"search.{key}: {kind} needs low < high, got [{low}, {high}]")
-        if kind == "loguniform" and low <= 0:
-            raise UserError(f"search.{key}: loguniform needs low > 0, got {low}")
+def trials_that_fit(capacity: dict[str, float], footprint: dict[str, float]) -> int:
+    """How many trials of `footprint` the resources `capacity` hold at once (by the scarcest)."""
+    return min(int(capacity.get(k, 0) / v + 1e-9) for k, v in footprint.items() if v > 0)
 
 
-def _check_settings(s: TuneSettings) -> None:
-    if s.metric not in REPORTED:
-        raise UserError(f"tune.metric {s.metric!r} is never reported by the trainer; choose one of {', '.join(REPORTED)}")
-    if s.mode not in ("min", "max"):
-        raise UserError(f"tune.mode must be min or max, got {s.mode!r}")
-    if s.time_attr not in TIME_ATTRS:
-        raise UserError(f"tune.time_attr must be one of {', '.join(TIME_ATTRS)} (counters the trainer reports), "
-                        f"got {s.time_attr!r}")
-    if s.num_samples < 1 or s.grace_period < 1 or s.reduction_factor <= 1 or s.max_concurrent_trials < 0:
-        raise UserError("tune: num_samples and grace_period must be >= 1, reduction_factor > 1, "
-                        "max_concurrent_trials >= 0")
-    if s.max_t is not None and s.grace_period > s.max_t:
-        raise UserError(f"tune.grace_period {s.grace_period} must be <= tune.max_t {s.max_t}")
+def _shape(resources: dict[str, float], keys=None) -> str:
+    return ", ".join(f"{resources.get(k, 0):g} {k}" for k in (keys or resources) if k != "memory")
 
 
-def load_search(path: str, overrides: list[str] = ()) -> Search:
-    if not os.path.isfile(path):
-        raise UserError(f"search file not found: {path}")
-    try:
-        raw = yaml.safe_load(open(path).read())
-    except yaml.YAMLError as exc:
-        raise UserError(f"search file {path} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    return parse_search(raw, list(overrides))
+def concurrency(cfg: Config, settings: TuneSettings, num_trials: int) -> tuple[int | None, str]:
+    """The number of trials to run at once and why: the setting, never more than the cluster fits
+    (the whole cluster an autoscaler may grow to). A trial that can never fit is refused."""
+    from raygpt.train import cluster_capacity
+
+    asked = settings.max_concurrent_trials or None
+    footprint = trial_footprint(cfg, settings)
+    capacity, grows = cluster_capacity()
+    if capacity is None:  # an autoscaler that does not publish its node shapes
+        return asked, (f"max_concurrent_trials {asked}" if asked else "no concurrency cap: the autoscaler "
+                       "publishes no node shapes; set tune.max_concurrent_trials")
+    fit = trials_that_fit(capacity, footprint)
+    where = f"the cluster {'can grow to' if grows else 'has'} {_shape(capacity, footprint)}"
+    if fit == 0:
+        raise UserError(f"one trial needs {_shape(footprint)} (run.num_workers x run.cpus_per_worker"
+                        f"{', run.gpus_per_worker' if cfg.run.use_gpu else ''}) but {where}")
+    cap = min(fit, num_trials) if asked is None else min(asked, fit)
+    if asked is not None and asked > fit:
+        return cap, (f"max_concurrent_trials {asked} capped to {cap}: one trial holds {_shape(footprint)}, {where}")
+    return cap, f"{cap} trials at once: one trial holds {_shape(footprint)}, {where}"
 
 
-# ----------------------------------------------------------------------------- expanding trials
+# ----------------------------------------------------------------------------- ASHA's rungs
 
 
-def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    section, key = dotted.split(".", 1)
-    raw.setdefault(section, {})[key] = value
+def rung_milestones(settings: TuneSettings, max_t: float) -> list[float]:
+    """The values of time_attr where ASHA judges a trial: grace_period x reduction_factor^k up
+    to max_t (Ray's ASHAScheduler makes the same rungs)."""
+    count = int(math.log(max_t / settings.grace_period) / math.log(settings.reduction_factor) + 1)
+    return [settings.grace_period * settings.reduction_factor ** k for k in range(count)]
 
 
-def trial_config(base: dict[str, Any], overrides: dict[str, Any]) -> Config:
-    """The base training config with one trial's values set (validated)."""
-    raw = copy.deepcopy(base)
-    for key, value in overrides.items():
-        _set(raw, key, value)
-    return config_from_dict(raw)
+def rung_save_steps(trial: Trial, settings: TuneSettings, max_t: float) -> tuple[int, ...]:
+    """The steps whose report ASHA judges at each rung: a trial saves there, so one that is
+    stopped keeps a checkpoint of where it stopped. ASHA judges the first report at or past a
+    milestone; the loop reports every eval_freq and save_freq steps."""
+    t = trial.config.train
+    tokens_per_step = trial.total_tokens // trial.total_steps
+    steps = set()
+    for milestone in rung_milestones(settings, max_t):
+        step = math.ceil(milestone if settings.time_attr == "step" else milestone / tokens_per_step)
+        report = min(math.ceil(step / t.eval_freq) * t.eval_freq, math.ceil(step / t.save_freq) * t.save_freq)
+        if report < trial.total_steps:
+            steps.add(report)
+    return tuple(sorted(steps))
 
 
-def expand(search: Search) -> tuple[list[Trial], list[str]]:
-    """Every grid point x num_samples draws, applied to the base config and validated as the
-    trainer would (including total steps over the data). Returns (trials, reasons rejected)."""
-    rng = random.Random(search.settings.seed)
-    grid_keys = [k for k, spec in search.space.items() if "grid" in spec]
-    points = list(itertools.product(*(search.space[k]["grid"] for k in grid_keys)))
-    trials, rejected = [], []
-    for point in points:
-        for _ in range(search.settings.num_samples):
-            overrides = dict(zip(grid_keys, point))
-            for key, spec in search.space.items():
-                (kind, values), = spec.items()
-                if kind == "choice":
-                    overrides[key] = rng.choice(values)
-                elif kind == "uniform":
-                    overrides[key] = rng.uniform(*values)
-                elif kind == "loguniform":
-                    overrides[key] = math.exp(rng.uniform(math.log(values[0]), math.log(values[1])))
-            try:
-                cfg = trial_config(search.base, overrides)
-                plan = plan_for(cfg, cfg.data.dir)
-            except UserError as exc:
-                rejected.append(f"{_describe(overrides)}: {exc}")
-                continue
-            tokens = plan.total_steps * cfg.train.batch_size * cfg.model.context_len
-            trials.append(Trial(overrides, cfg, plan.total_steps, tokens))
-    return trials, rejected
+def default_max_t(trials: list[Trial], settings: TuneSettings) -> int:
+    return settings.max_t or max(t.total_steps if settings.time_attr == "step" else t.total_tokens for t in trials)
 
 
-def _describe(overrides: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in overrides.items())
-
-
-# ----------------------------------------------------------------------------- running
+# ----------------------------------------------------------------------------- one trial
 
 
 def tune_trial(params: dict[str, Any]) -> None:
-    """One trial: the same Ray Train run as `raygpt train`, inside the experiment folder,
-    named from the trial id so a restored trial resumes its own run."""
+    """One trial: the config of its searched values, trained into `train-<trial id>` in the
+    experiment folder (so a retried or restored trial resumes its own run)."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raygpt.train import RunPaths, build_trainer
+    from raygpt.train import CONFIG_FILE, RunPaths
 
     experiment_dir = params["experiment_dir"]
-    search = yaml.safe_load(ckpt.read_text(ckpt.join(experiment_dir, SEARCH_FILE)))
-    cfg = trial_config(search_base(search), params["hp"])
+    saved = yaml.safe_load(ckpt.read_text(ckpt.join(experiment_dir, SEARCH_FILE)))
+    settings = settings_from_dict(saved["tune"])
+    trial = check_trial(search_base(saved), params["hp"])
+    cfg = trial.config
     run = RunPaths(experiment_dir, f"train-{ray.tune.get_context().get_trial_id()}")
     cfg.run.name = run.name
-    trainer = build_trainer(cfg, run, ckpt.resolve_storage(cfg.data.dir), extra_callbacks=[TuneReportCallback()])
-    trainer.fit()
+    if not ckpt.exists(ckpt.join(run.uri, CONFIG_FILE)):
+        ckpt.write_text(ckpt.join(run.uri, CONFIG_FILE), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    save_steps = rung_save_steps(trial, settings, saved["launch"]["max_t"]) if settings.early_stopping else ()
+    data_dir = ckpt.resolve_storage(cfg.data.dir)
+    if runs_in_trial(cfg, settings):
+        _train_in_trial(cfg, run.uri, data_dir, save_steps)
+    else:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from raygpt.train import build_trainer
+
+        start_wait = max(cfg.run.resource_wait_s, MIN_TRIAL_START_WAIT_S)
+        build_trainer(cfg, run, data_dir, extra_callbacks=[TuneReportCallback()], start_timeout_s=start_wait,
+                      extra_save_steps=save_steps).fit()
 
 
-def search_base(search_file: dict[str, Any]) -> dict[str, Any]:
-    """The training config part of a saved search file."""
-    return {k: v for k, v in search_file.items() if k not in ("search", "tune")}
+def _train_in_trial(cfg: Config, run_dir: str, data_dir: str, save_steps: tuple[int, ...]) -> None:
+    """The loop in this process, on the CPUs (and GPU) Tune reserved for the trial."""
+    import ray.tune
+    import torch
+
+    from raygpt.loop import Runtime, save_to_run_dir, train_loop
+
+    torch.set_num_threads(max(1, int(cfg.run.cpus_per_worker)))
+    use_cuda = cfg.run.use_gpu and torch.cuda.is_available()
+    save = save_to_run_dir(run_dir, keep=cfg.run.num_to_keep)
+
+    def report(metrics: dict[str, Any], folder: str | None, name: str | None) -> None:
+        save(metrics, folder, name)  # the checkpoint is on storage before ASHA sees the report
+        ray.tune.report(metrics)
+
+    rt = Runtime(device=torch.device("cuda:0" if use_cuda else "cpu"), run_dir=run_dir, fit_id=uuid.uuid4().hex,
+                 report=report, extra_save_steps=frozenset(save_steps))
+    train_loop(cfg, data_dir, rt)
 
 
-def _trainable():
+def _trainable(cfg: Config, settings: TuneSettings):
     import ray.tune
 
-    # The trial driver only waits on its Train controller: a sliver of a CPU, so the cluster's
-    # CPUs go to training workers (Tune refuses 0).
-    return ray.tune.with_resources(tune_trial, {"CPU": 0.01})
+    return ray.tune.with_resources(tune_trial, trial_reservation(cfg, settings))
 
 
 def _scheduler(settings: TuneSettings, max_t: int):
@@ -237,28 +190,36 @@ def _scheduler(settings: TuneSettings, max_t: int):
                          reduction_factor=settings.reduction_factor)
 
 
-def _experiment_name(settings: TuneSettings) -> str:
-    import secrets
-    import time
+# ----------------------------------------------------------------------------- the search
 
+
+def _experiment_name(settings: TuneSettings) -> str:
     return settings.name or f"tune-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
 def run_search(search: Search, *, address: str | None = None, log=print) -> str:
     """Launch the search; return the experiment folder (analysed by raygpt.analysis)."""
     import ray.tune
-    from ray.tune import RunConfig, TuneConfig, Tuner
+    from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
 
     from raygpt.train import check_paths_on_nodes, check_resources, start_ray
 
-    trials, rejected = expand(search)
     s = search.settings
-    total = len(trials) + len(rejected)
-    log(f"search: {total} configurations, {len(trials)} to launch, {len(rejected)} rejected before launch")
-    for reason in rejected:
-        log(f"  rejected: {reason}")
-    if not trials:
-        raise UserError("every configuration of the search is rejected; nothing to launch")
+    searcher = None
+    if s.search_alg == "optuna":  # trials are suggested as results come in; these bound their length
+        from raygpt.optuna_search import length_probes, optuna_searcher
+
+        trials, searcher = length_probes(search), optuna_searcher(search)
+        log(f"search: {s.num_samples} trials suggested by Optuna (TPE, seed {s.seed}) over {len(search.space)} keys; "
+            "suggestions the trainer refuses are rejected before launch")
+    else:
+        trials, rejected = expand(search)
+        log(f"search: {len(trials) + len(rejected)} configurations, {len(trials)} to launch, "
+            f"{len(rejected)} rejected before launch")
+        for reason in rejected:
+            log(f"  rejected: {reason}")
+        if not trials:
+            raise UserError("every configuration of the search is rejected; nothing to launch")
     first = trials[0].config
     storage = ckpt.resolve_storage(first.run.storage_path)
     name = _experiment_name(s)
@@ -267,26 +228,37 @@ def run_search(search: Search, *, address: str | None = None, log=print) -> str:
         raise UserError(f"experiment {name} already exists in {storage}; use `raygpt tune --resume {experiment_dir}`")
     start_ray(address)
     check_resources(first, log)
-    max_t = s.max_t or max(t.total_steps if s.time_attr == "step" else t.total_tokens for t in trials)
+    num_trials = s.num_samples if searcher else len(trials)
+    cap, why = concurrency(first, s, num_trials)
+    max_t = default_max_t(trials, s)
+    if not searcher:
+        log(f"launch order (seed {s.seed}{'' if s.shuffle else ', as listed'}):")
+        for i, trial in enumerate(trials):
+            log(f"  {i + 1:>3}. {describe(trial.overrides)}")
     # The saved search is what trials (and a resumed search) build their configs from; the data
     # folder is made absolute because every trial runs in a folder of its own.
     base = copy.deepcopy(search.base)
-    base.setdefault("data", {})["dir"] = ckpt.resolve_storage(trials[0].config.data.dir)
+    base.setdefault("data", {})["dir"] = ckpt.resolve_storage(first.data.dir)
+    launch = {"max_t": max_t, "max_concurrent_trials": cap, "concurrency": why, "trials": num_trials,
+              "order": None if searcher else [t.overrides for t in trials],
+              "total_steps": None if searcher else [t.total_steps for t in trials]}
     ckpt.write_text(ckpt.join(experiment_dir, SEARCH_FILE), yaml.safe_dump(
-        {**base, "search": search.space, "tune": {**vars(s), "name": name}}, sort_keys=False))
+        {**base, "search": search.space, "tune": {**vars(s), "name": name}, "launch": launch}, sort_keys=False))
     check_paths_on_nodes({"data.dir": base["data"]["dir"], "experiment folder": experiment_dir})
     # Only the searched values go into Tune's config: its status table shows them as they are.
-    param_space = {"experiment_dir": experiment_dir, "hp": ray.tune.grid_search([t.overrides for t in trials])}
+    hp = {} if searcher else ray.tune.grid_search([t.overrides for t in trials])
     tuner = Tuner(
-        _trainable(),
-        param_space=param_space,
+        _trainable(first, s),
+        param_space={"experiment_dir": experiment_dir, "hp": hp},
         tune_config=TuneConfig(metric=s.metric, mode=s.mode, scheduler=_scheduler(s, max_t),
-                               max_concurrent_trials=s.max_concurrent_trials or None),
-        run_config=RunConfig(name=name, storage_path=storage),
+                               search_alg=searcher, num_samples=num_trials if searcher else 1,
+                               max_concurrent_trials=cap),
+        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=s.max_failures)),
     )
-    log(f"experiment {name}: {len(trials)} trials x {first.run.num_workers} workers, ASHA on {s.metric} "
-        f"by {s.time_attr} (grace {s.grace_period}, reduction {s.reduction_factor:g}, max_t {max_t})"
-        if s.early_stopping else f"experiment {name}: {len(trials)} trials, no early stopping")
+    runner = "in the trial" if runs_in_trial(first, s) else "a TorchTrainer each"
+    log(f"experiment {name}: {num_trials} trials x {first.run.num_workers} workers ({runner}); {why}")
+    log(f"  ASHA on {s.metric} by {s.time_attr} (grace {s.grace_period}, reduction {s.reduction_factor:g}, "
+        f"max_t {max_t}); retries per trial: {s.max_failures}" if s.early_stopping else "  no early stopping")
     tuner.fit()
     return experiment_dir
 
@@ -301,7 +273,12 @@ def resume_search(experiment_dir: str, *, address: str | None = None, log=print)
     experiment_dir = ckpt.resolve_storage(experiment_dir).rstrip("/")
     if not ckpt.exists(ckpt.join(experiment_dir, SEARCH_FILE)) or not Tuner.can_restore(experiment_dir):
         raise UserError(f"no raygpt experiment to resume in {experiment_dir}")
+    saved = yaml.safe_load(ckpt.read_text(ckpt.join(experiment_dir, SEARCH_FILE)))
+    settings = settings_from_dict(saved["tune"])
+    first = trial_config(search_base(saved), {})
     start_ray(address)
     log(f"resuming experiment {experiment_dir}")
-    Tuner.restore(experiment_dir, trainable=_trainable(), resume_unfinished=True, resume_errored=True).fit()
+    Tuner.restore(experiment_dir, trainable=_trainable(first, settings), resume_unfinished=True,
+                  resume_errored=True).fit()
     return experiment_dir
+

@@ -6,7 +6,6 @@ node must go away after the idle timeout. `ray.cluster_utils.AutoscalingCluster`
 2.60 (see RAY-NOTES), so the head is started as the docs describe, with RAY_FAKE_CLUSTER=1.
 """
 
-import subprocess
 import sys
 import time
 from pathlib import Path

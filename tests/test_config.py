@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,14 @@ def test_default_job_config_loads():
     assert cfg.data.dir == "data/stdlib"
 
 
-@pytest.mark.parametrize("path", sorted(p for p in JOBS.glob("*.yaml") if p.name not in ("tune.yaml", "runtime_env.yaml")),
+def _is_training_config(path: Path) -> bool:
+    """Search files (a `search:` section; tests/test_search.py loads them) and the job runtime env
+    are not training configs."""
+    text = path.read_text()
+    return path.name != "runtime_env.yaml" and not re.search(r"^search:", text, re.M)
+
+
+@pytest.mark.parametrize("path", sorted(p for p in JOBS.glob("*.yaml") if _is_training_config(p)),
                          ids=lambda p: p.name)
 def test_every_job_config_loads(path):
     cfg = load_config(path)
@@ -87,12 +95,24 @@ def test_to_dict_round_trips():
         (["nodot=1"], "expected section.key=value"),
         (["model.dropout"], "expected section.key=value"),
         (["optim.betas=[0.9]"], "optim.betas must be two numbers"),
+        (["train.eval_mode=random"], "train.eval_mode must be one of spread, first, got 'random'"),
+        (["train.eval_tokens=0"], "train.eval_tokens must be >= 1, got 0"),
+        (["train.eval_tokens=-5"], "train.eval_tokens must be >= 1, got -5"),
+        (["train.eval_tokens=1.5"], "train.eval_tokens: expected int"),
+        (["train.final_eval_tokens=0"], r"train.final_eval_tokens must be >= 1 \(or null: the whole split\), got 0"),
     ],
 )
 def test_bad_values_give_one_line(overrides, message):
     with pytest.raises(UserError, match=message) as info:
         load_config(None, overrides)
     assert "\n" not in str(info.value)
+
+
+def test_eval_defaults_and_values():
+    t = load_config().train
+    assert (t.eval_mode, t.eval_tokens, t.final_eval_tokens) == ("spread", 32768, 262144)
+    t = load_config(None, ["train.eval_mode=first", "train.eval_tokens=1", "train.final_eval_tokens=null"]).train
+    assert (t.eval_mode, t.eval_tokens, t.final_eval_tokens) == ("first", 1, None)
 
 
 def test_missing_file():

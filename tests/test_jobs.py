@@ -4,7 +4,6 @@ The jobs run exactly as the README tells users to submit them: `--working-dir .`
 `python jobs/pretrain.py` / `python jobs/tune.py` join the cluster they were submitted to.
 """
 
-import json
 import os
 import re
 import subprocess

@@ -1,4 +1,4 @@
-"""Search definition and expansion (fast), and searches on a real local Ray (slow)."""
+"""Searches on a real local Ray (slow), and the pure parts of running one (fast)."""
 
 import csv
 import signal
@@ -12,10 +12,13 @@ import yaml
 
 from raygpt.analysis import analyze
 from raygpt.config import load_config
-from raygpt.errors import UserError
-from raygpt.tune import expand, load_search, parse_search
+from raygpt.loop import read_events
+from raygpt.analysis import _tokens_to_max_t
+from raygpt.search import TuneSettings, expand, parse_search
+from raygpt.tune import (rung_milestones, rung_save_steps, runs_in_trial, trial_footprint, trial_reservation,
+                         trials_that_fit)
 
-from helpers import make_corpus, tiny_config
+from helpers import make_corpus, make_prose_corpus, search_raw, tiny_config
 
 BIN = Path(sys.executable).parent
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
@@ -26,103 +29,46 @@ def data_dir(tmp_path_factory):
     return make_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-def search_raw(data_dir, storage, space=None, **tune):
-    base = tiny_config(data_dir, storage, "train.eval_freq=2", "train.save_freq=6", "run.num_to_keep=1").to_dict()
-    base["run"]["name"] = None
-    # Strong learning rates first: asynchronous ASHA judges a trial against those that reached the
-    # rung before it, so weak trials launched after strong ones are stopped (in the other order
-    # the weak ones set the bar and every trial may pass).
-    return {**base, "search": space or {"optim.peak_lr": {"grid": [0.03, 0.005, 0.002, 0.0001]},
-                                        "train.batch_size": {"grid": [4, 8]}},
-            "tune": {"grace_period": 2, "reduction_factor": 2, "max_concurrent_trials": 2, **tune}}
+# ----------------------------------------------------------------------------- running a search (fast)
 
 
-# ----------------------------------------------------------------------------- definition (fast)
+def test_trials_that_fit_count_by_the_scarcest_resource():
+    assert trials_that_fit({"CPU": 2.0, "memory": 1e9}, {"CPU": 1.0}) == 2
+    assert trials_that_fit({"CPU": 2.0}, {"CPU": 2.0}) == 1
+    # A trial's driver at 0.01 CPU beside a 1-CPU worker: the second trial would wait on 2 CPUs.
+    assert trials_that_fit({"CPU": 2.0}, {"CPU": 1.01}) == 1
+    assert trials_that_fit({"CPU": 8.0, "GPU": 2.0}, {"CPU": 1.0, "GPU": 1.0}) == 2
+    assert trials_that_fit({"CPU": 1.0}, {"CPU": 2.0}) == 0
 
 
-def test_default_search_file_covers_a_grid(data_dir):
-    search = load_search(str(JOBS / "tune.yaml"), [f"data.dir={data_dir}", "model.context_len=16"])
-    trials, rejected = expand(search)
-    assert len(trials) == 8 and not rejected
+def test_a_trial_holds_its_workers_whether_it_runs_in_the_trial_or_a_trainer(data_dir, tmp_path):
+    one = tiny_config(data_dir, tmp_path, "run.cpus_per_worker=2")
+    two = tiny_config(data_dir, tmp_path, "run.num_workers=2")
+    settings = TuneSettings()
+    assert runs_in_trial(one, settings) and trial_reservation(one, settings) == {"CPU": 2.0}
+    assert not runs_in_trial(two, settings) and trial_footprint(two, settings) == {"CPU": 2.0}
+    assert trial_reservation(two, settings) == {"memory": 1}  # the workers are the Train controller's to ask for
+    assert not runs_in_trial(one, TuneSettings(in_process=False))
 
 
-def test_grid_times_samples_and_draws_are_reproducible(data_dir, tmp_path):
-    space = {"optim.peak_lr": {"grid": [0.001, 0.01]}, "model.dropout": {"uniform": [0.0, 0.2]},
-             "optim.weight_decay": {"choice": [0.0, 0.1]}, "optim.min_lr": {"loguniform": [1e-5, 1e-4]}}
-    search = parse_search(search_raw(data_dir, tmp_path, space, num_samples=3, seed=5))
-    trials, rejected = expand(search)
-    assert len(trials) == 6 and not rejected
-    assert all(0.0 <= t.config.model.dropout <= 0.2 and 1e-5 <= t.config.optim.min_lr <= 1e-4 for t in trials)
-    again, _ = expand(parse_search(search_raw(data_dir, tmp_path, space, num_samples=3, seed=5)))
-    assert [t.overrides for t in trials] == [t.overrides for t in again]
+def test_a_trial_saves_where_asha_judges_it(data_dir, tmp_path):
+    """Rungs at 2, 4, 8 steps (grace 2, factor 2, max_t 12); reports every 3 steps: ASHA judges
+    the reports at 3, 6 and 9, so the trial saves there (12 is its end, saved anyway)."""
+    search = parse_search(search_raw(data_dir, tmp_path, {"optim.peak_lr": {"grid": [0.01]}}))
+    (trial,), _ = expand(search)
+    trial.config.train.eval_freq, trial.config.train.save_freq = 3, 100
+    assert rung_milestones(search.settings, 12) == [2, 4, 8]
+    assert rung_save_steps(trial, search.settings, 12) == (3, 6, 9)
+    tokens = TuneSettings(time_attr="tokens_seen", grace_period=200, reduction_factor=2)
+    # 8 x 16 = 128 tokens a step: rungs at 200, 400, 800 tokens are steps 2, 4, 7 -> reports 3, 6, 9
+    assert rung_save_steps(trial, tokens, 12 * 128) == (3, 6, 9)
 
 
-def test_the_seeds_nine_keys_are_searchable(data_dir, tmp_path):
-    space = {"train.batch_size": {"grid": [4]}, "model.dropout": {"grid": [0.1]},
-             "optim.warmup_steps": {"grid": [2]}, "optim.weight_decay": {"grid": [0.01]},
-             "optim.max_norm": {"grid": [0.5]}, "optim.peak_lr": {"grid": [0.005]},
-             "optim.initial_lr": {"grid": [0.0001]}, "optim.min_lr": {"grid": [0.00001]},
-             "train.num_epochs": {"grid": [2]}}
-    raw = search_raw(data_dir, tmp_path, space)
-    raw["train"]["max_steps"] = None  # num_epochs decides the length
-    (trial,), _ = expand(parse_search(raw))
-    from raygpt.data import load_manifest, num_windows
-
-    windows = num_windows(load_manifest(data_dir)["splits"]["train"]["tokens"], 16, 16)
-    assert trial.total_steps == 2 * (windows // 4)  # batch size and epochs set the schedule's length
-    assert trial.config.optim.max_norm == 0.5 and trial.config.train.num_epochs == 2
-
-
-def test_rejected_combinations_are_counted_with_reasons(data_dir, tmp_path):
-    space = {"optim.min_lr": {"grid": [0.0001, 0.5]}, "train.batch_size": {"grid": [8, 3]},
-             "optim.warmup_steps": {"grid": [2, 50]}}
-    raw = search_raw(data_dir, tmp_path, space)
-    raw["run"]["num_workers"] = 2
-    trials, rejected = expand(parse_search(raw))
-    assert len(trials) == 1 and len(rejected) == 7
-    assert any("optim.min_lr (0.5) must be <= optim.peak_lr" in r for r in rejected)
-    assert any("does not divide over run.num_workers 2" in r for r in rejected)
-    assert any("optim.warmup_steps 50 must be < total steps 12" in r for r in rejected)
-
-
-@pytest.mark.parametrize(
-    "space, tune, message",
-    [
-        ({"optim.peak": {"grid": [1]}}, {}, "search key 'optim.peak' is not a config key; valid keys: model.embedding_dim"),
-        ({"optim.peak_lr": {"grid": []}}, {}, "grid needs a non-empty list"),
-        ({"optim.peak_lr": {"uniform": [0.01, 0.001]}}, {}, r"uniform needs low < high, got \[0.01, 0.001\]"),
-        ({"optim.peak_lr": {"loguniform": [0, 1]}}, {}, "loguniform needs low > 0"),
-        ({"optim.peak_lr": [0.1]}, {}, "give one of grid, choice, uniform, loguniform"),
-        ({"run.num_workers": {"grid": [1, 2]}}, {}, "run settings and the data folder are fixed"),
-        ({"optim.peak_lr": {"grid": [0.1]}}, {"grace_period": 20, "max_t": 10}, "grace_period 20 must be <= tune.max_t 10"),
-        ({"optim.peak_lr": {"grid": [0.1]}}, {"metric": "val_acc"}, "tune.metric 'val_acc' is never reported"),
-        ({"optim.peak_lr": {"grid": [0.1]}}, {"time_attr": "training_iteration"}, "tune.time_attr must be one of step, tokens_seen"),
-        ({"optim.peak_lr": {"grid": [0.1]}}, {"bogus": 1}, "unknown tune setting 'tune.bogus'"),
-    ],
-)
-def test_bad_search_definitions(data_dir, tmp_path, space, tune, message):
-    with pytest.raises(UserError, match=message):
-        parse_search(search_raw(data_dir, tmp_path, space, **tune))
-
-
-def test_set_values_leave_the_search_base_plain_data(data_dir, tmp_path):
-    search = parse_search(search_raw(data_dir, tmp_path), ["data.dir=/elsewhere", "train.max_steps=9"])
-    assert search.base["data"]["dir"] == "/elsewhere" and search.base["train"]["max_steps"] == 9
-    assert yaml.safe_load(yaml.safe_dump(search.base)) == search.base  # saved with the experiment
-
-
-def test_empty_search_section(data_dir, tmp_path):
-    raw = search_raw(data_dir, tmp_path)
-    raw["search"] = {}
-    with pytest.raises(UserError, match="needs a non-empty `search` section"):
-        parse_search(raw)
-
-
-def test_cli_refuses_resume_and_analyze_of_a_folder_without_experiment(run_cli, tmp_path):
-    code, _, err = run_cli("tune", "--resume", str(tmp_path))
-    assert code == 2 and "no raygpt experiment to resume" in err
-    code, _, err = run_cli("analyze", str(tmp_path))
-    assert code == 2 and "no raygpt experiment in" in err
+def test_full_grid_counts_every_launched_trial_to_max_t():
+    assert _tokens_to_max_t(100, 10, "step", 40) == 400
+    assert _tokens_to_max_t(30, 10, "step", 40) == 300
+    assert _tokens_to_max_t(100, 10, "tokens_seen", 255) == 260
+    assert _tokens_to_max_t(100, 10, "step", None) == 1000
 
 
 # ----------------------------------------------------------------------------- on Ray (slow)
@@ -143,7 +89,14 @@ def test_search_with_asha_analysis_and_best_config(ray_address, data_dir, tmp_pa
     analysis = analyze(str(experiment))
     rows = analysis.rows
     assert len(rows) == 6 and all(r["status"] == "TERMINATED" for r in rows)  # 6 trials, 2 at a time: no leak
+    # The grid is listed weakest learning rate first; launched in a shuffled order, ASHA still
+    # finds weak trials to stop, and each stopped trial keeps a checkpoint of where it stopped.
+    assert "launch order (seed 0):" in out
     assert any(r["stopped_early"] for r in rows), "ASHA stopped no trial"
+    for r in rows:
+        run = experiment / f"train-{r['trial_id']}"
+        assert sorted(run.glob("checkpoint_*"))[-1].name == f"checkpoint_{r['steps']:07d}", r
+    assert "concurrency: 2 trials at once: one trial holds 1 CPU, the cluster has 2 CPU" in out
     assert rows[0]["best_val_loss"] == min(r["best_val_loss"] for r in rows)
     assert all(r["rung"] is not None for r in rows if r["stopped_early"])
     assert analysis.tokens_trained < analysis.tokens_full_grid
@@ -208,3 +161,91 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_addres
     assert len(rows) == 3 and all(r["status"] == "TERMINATED" and r["steps"] == 12 for r in rows)
     for name, text in done_before.items():
         assert (experiment / name / "metrics.jsonl").read_text() == text  # not run again
+
+
+@pytest.fixture
+def cpu_hog():
+    """A CPU-bound process beside the search, as any laptop has one."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+@pytest.mark.slow
+def test_the_default_search_completes_on_a_loaded_machine(ray_address, tmp_path, run_cli, cpu_hog):
+    """jobs/tune.yaml as shipped (the tiny model, 8 trials of 45 steps, 2 at a time, ASHA) on the
+    prose corpus, with a CPU-bound process running beside it: every trial ends TERMINATED, none
+    in ERROR, exit 0. (Trials used to wait on each other's CPU and fail after Ray Train's 60 s
+    worker-group start timeout.)"""
+    data_dir = make_prose_corpus(tmp_path / "prose")
+    code, out, err = run_cli("tune", "--config", str(JOBS / "tune.yaml"), "--address", ray_address,
+                             "--set", f"data.dir={data_dir}", "--set", "data.source=null",
+                             "--set", f"run.storage_path={tmp_path / 'runs'}", "--set", "tune.name=default")
+    assert code == 0, err
+    analysis = analyze(str(tmp_path / "runs" / "default"))
+    assert len(analysis.rows) == 8 and all(r["status"] == "TERMINATED" for r in analysis.rows)
+    assert not analysis.errors and "ERROR" not in out
+
+
+@pytest.mark.slow
+def test_more_trials_than_fit_queue_and_all_finish(ray_address, data_dir, tmp_path, run_cli):
+    """2 workers a trial on 2 CPUs: one trial at a time, whatever max_concurrent_trials asks."""
+    raw = search_raw(data_dir, tmp_path / "runs", {"optim.peak_lr": {"grid": [0.002, 0.005, 0.01]}},
+                     name="queue", max_concurrent_trials=4, early_stopping=False)
+    raw["run"]["num_workers"], raw["train"]["max_steps"] = 2, 6
+    cfg = tmp_path / "search.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    code, out, err = run_cli("tune", "--config", str(cfg), "--address", ray_address)
+    assert code == 0, err
+    assert ("concurrency: max_concurrent_trials 4 capped to 1: one trial holds 2 CPU, "
+            "the cluster has 2 CPU") in out
+    rows = analyze(str(tmp_path / "runs" / "queue")).rows
+    assert len(rows) == 3 and all(r["status"] == "TERMINATED" and r["steps"] == 6 for r in rows)
+
+
+def fault_search(data_dir, tmp_path, **tune):
+    """Two trials; the second fails once (an exception in the loop) after step 7."""
+    raw = search_raw(data_dir, tmp_path / "runs", {"fault.crash_at_step": {"grid": [None, 7]}}, name="fault",
+                     early_stopping=False, shuffle=False, **tune)
+    cfg = tmp_path / "search.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    return cfg
+
+
+@pytest.mark.slow
+def test_a_failed_trial_is_retried_from_its_checkpoint(ray_address, data_dir, tmp_path, run_cli):
+    code, out, err = run_cli("tune", "--config", str(fault_search(data_dir, tmp_path)), "--address", ray_address)
+    assert code == 0, err
+    analysis = analyze(str(tmp_path / "runs" / "fault"))
+    assert all(r["status"] == "TERMINATED" and r["steps"] == 12 for r in analysis.rows) and not analysis.errors
+    failed = next(r for r in analysis.rows if r["fault.crash_at_step"] == 7)
+    events = read_events(str(tmp_path / "runs" / "fault" / f"train-{failed['trial_id']}"))
+    assert [e["restored_step"] for e in events] == [6]  # resumed from its checkpoint at step 6
+
+
+@pytest.mark.slow
+def test_a_trial_still_in_error_fails_the_search_naming_it_and_why(ray_address, data_dir, tmp_path, run_cli):
+    code, out, err = run_cli("tune", "--config", str(fault_search(data_dir, tmp_path, max_failures=0)),
+                             "--address", ray_address)
+    assert code == 1
+    assert "search failed: 1 of 2 trials ended in ERROR" in err
+    failed = next(r for r in analyze(str(tmp_path / "runs" / "fault")).rows if r["status"] == "ERROR")
+    assert f"trial {failed['trial_id']} ERROR: raygpt.recovery.InjectedFault: injected fault after step 7 on rank 0" in out
+    assert "best trial" in out  # the table and the analysis are printed first
+
+
+@pytest.mark.slow
+def test_optuna_suggests_valid_trials(ray_address, data_dir, tmp_path, run_cli):
+    pytest.importorskip("optuna")
+    space = {"optim.peak_lr": {"loguniform": [0.002, 0.03]}, "train.batch_size": {"grid": [4, 8]},
+             "optim.initial_lr": {"grid": [0.001, 0.05]}}  # 0.05 is above every peak_lr: always refused
+    raw = search_raw(data_dir, tmp_path / "runs", space, name="optuna", search_alg="optuna", num_samples=3)
+    cfg = tmp_path / "search.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    code, out, err = run_cli("tune", "--config", str(cfg), "--address", ray_address)
+    assert code == 0, err
+    analysis = analyze(str(tmp_path / "runs" / "optuna"))
+    assert len(analysis.rows) == 3 and not analysis.errors
+    assert all(r["optim.initial_lr"] == 0.001 and r["status"] == "TERMINATED" for r in analysis.rows)
+    assert len({r["optim.peak_lr"] for r in analysis.rows}) == 3
