@@ -68,7 +68,7 @@ class TrainConfig:
     # split). first: the original recipe's first eval_iter micro-batches of each split, in order.
     # Defaults measured on the default corpus: README "Evaluation".
     eval_mode: str = "spread"
-    eval_tokens: int = 32768
+    eval_tokens: int = 65536
     final_eval_tokens: int | None = 262144
     eval_iter: int = 1  # eval_mode first only
     save_freq: int = 50

@@ -110,7 +110,7 @@ def test_bad_values_give_one_line(overrides, message):
 
 def test_eval_defaults_and_values():
     t = load_config().train
-    assert (t.eval_mode, t.eval_tokens, t.final_eval_tokens) == ("spread", 32768, 262144)
+    assert (t.eval_mode, t.eval_tokens, t.final_eval_tokens) == ("spread", 65536, 262144)
     t = load_config(None, ["train.eval_mode=first", "train.eval_tokens=1", "train.final_eval_tokens=null"]).train
     assert (t.eval_mode, t.eval_tokens, t.final_eval_tokens) == ("first", 1, None)
 
