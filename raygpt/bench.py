@@ -86,11 +86,14 @@ def _tune_bench_search(storage: str, data_dir: str) -> dict:
 
 
 # name -> (tune settings): the full grid, ASHA with trials run in the Tune trial, ASHA with a
-# TorchTrainer per trial (how every trial ran before; its start-up is the overhead cut).
+# TorchTrainer per trial (how every trial ran before; its start-up is the overhead cut), ASHA on
+# the grid in its listed order (weakest learning rate first), synchronous HyperBand.
 TUNE_ARMS = {
     "full_grid": {"early_stopping": False},
     "asha": {"early_stopping": True},
     "asha_trainer": {"early_stopping": True, "in_process": False},
+    "asha_unshuffled": {"early_stopping": True, "shuffle": False},
+    "hyperband": {"early_stopping": True, "scheduler": "hyperband"},
 }
 
 

@@ -35,6 +35,7 @@ REPORTED = ("step", "epoch", "train_loss", "val_loss", "lr", "tokens_seen", "tok
 TIME_ATTRS = ("step", "tokens_seen")
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
 SEARCH_ALGS = ("grid", "random", "optuna")
+SCHEDULERS = ("asha", "hyperband")
 
 
 @dataclass
@@ -51,6 +52,7 @@ class TuneSettings:
     reduction_factor: float = 3.0
     max_t: int | None = None  # None: the longest trial's total (steps or tokens)
     early_stopping: bool = True  # false: run every trial to the end (the full-grid baseline)
+    scheduler: str = "asha"  # asha (asynchronous) | hyperband (synchronous: pauses trials at each rung)
     shuffle: bool = True  # launch grid and random trials in a seeded random order
     in_process: bool = True  # 1-worker trials run the loop inside the trial; false: a TorchTrainer each
     seed: int = 0  # for the launch order, the sampled points and the draws of distributions
@@ -147,6 +149,8 @@ def _check_spec(key: str, spec: Any) -> None:
 def _check_settings(s: TuneSettings) -> None:
     if s.search_alg not in SEARCH_ALGS:
         raise UserError(f"tune.search_alg must be one of {', '.join(SEARCH_ALGS)}, got {s.search_alg!r}")
+    if s.scheduler not in SCHEDULERS:
+        raise UserError(f"tune.scheduler must be one of {', '.join(SCHEDULERS)}, got {s.scheduler!r}")
     if s.metric not in REPORTED:
         raise UserError(f"tune.metric {s.metric!r} is never reported by the trainer; choose one of {', '.join(REPORTED)}")
     if s.mode not in ("min", "max"):

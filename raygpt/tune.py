@@ -118,6 +118,17 @@ def rung_save_steps(trial: Trial, settings: TuneSettings, max_t: float) -> tuple
     return tuple(sorted(steps))
 
 
+def trial_save_steps(trial: Trial, settings: TuneSettings, max_t: float) -> tuple[int, ...]:
+    """Steps where a trial saves beyond save_freq: ASHA's rungs; every report under HyperBand,
+    which may pause a trial at any report and resumes it from its checkpoint."""
+    if not settings.early_stopping:
+        return ()
+    if settings.scheduler == "hyperband":
+        t = trial.config.train
+        return tuple(range(t.eval_freq, trial.total_steps, t.eval_freq))
+    return rung_save_steps(trial, settings, max_t)
+
+
 def default_max_t(trials: list[Trial], settings: TuneSettings) -> int:
     return settings.max_t or max(t.total_steps if settings.time_attr == "step" else t.total_tokens for t in trials)
 
@@ -141,7 +152,7 @@ def tune_trial(params: dict[str, Any]) -> None:
     cfg.run.name = run.name
     if not ckpt.exists(ckpt.join(run.uri, CONFIG_FILE)):
         ckpt.write_text(ckpt.join(run.uri, CONFIG_FILE), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    save_steps = rung_save_steps(trial, settings, saved["launch"]["max_t"]) if settings.early_stopping else ()
+    save_steps = trial_save_steps(trial, settings, saved["launch"]["max_t"])
     data_dir = ckpt.resolve_storage(cfg.data.dir)
     if runs_in_trial(cfg, settings):
         _train_in_trial(cfg, run.uri, data_dir, save_steps)
@@ -182,10 +193,12 @@ def _trainable(cfg: Config, settings: TuneSettings):
 
 
 def _scheduler(settings: TuneSettings, max_t: int):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
 
     if not settings.early_stopping:
         return FIFOScheduler()
+    if settings.scheduler == "hyperband":
+        return HyperBandScheduler(time_attr=settings.time_attr, max_t=max_t, reduction_factor=settings.reduction_factor)
     return ASHAScheduler(time_attr=settings.time_attr, max_t=max_t, grace_period=settings.grace_period,
                          reduction_factor=settings.reduction_factor)
 

@@ -15,7 +15,7 @@ from raygpt.config import load_config
 from raygpt.loop import read_events
 from raygpt.analysis import _tokens_to_max_t
 from raygpt.search import TuneSettings, expand, parse_search
-from raygpt.tune import (rung_milestones, rung_save_steps, runs_in_trial, trial_footprint, trial_reservation,
+from raygpt.tune import (rung_milestones, rung_save_steps, trial_save_steps, runs_in_trial, trial_footprint, trial_reservation,
                          trials_that_fit)
 
 from helpers import make_corpus, make_prose_corpus, search_raw, tiny_config
@@ -62,6 +62,12 @@ def test_a_trial_saves_where_asha_judges_it(data_dir, tmp_path):
     tokens = TuneSettings(time_attr="tokens_seen", grace_period=200, reduction_factor=2)
     # 8 x 16 = 128 tokens a step: rungs at 200, 400, 800 tokens are steps 2, 4, 7 -> reports 3, 6, 9
     assert rung_save_steps(trial, tokens, 12 * 128) == (3, 6, 9)
+    assert trial_save_steps(trial, search.settings, 12) == (3, 6, 9)
+    # HyperBand may pause a trial at any report (and resume it from its checkpoint); no early stopping: none
+    assert trial_save_steps(trial, TuneSettings(scheduler="hyperband"), 12) == (3, 6, 9)
+    trial.config.train.eval_freq = 2
+    assert trial_save_steps(trial, TuneSettings(scheduler="hyperband"), 12) == (2, 4, 6, 8, 10)
+    assert trial_save_steps(trial, TuneSettings(early_stopping=False), 12) == ()
 
 
 def test_full_grid_counts_every_launched_trial_to_max_t():
