@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import types
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,13 +195,19 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
             raise UserError(f"{key}: expected a list of {_type_name(item_hint)}, got {value!r}")
         return [coerce(f"{key}[{i}]", v, item_hint) for i, v in enumerate(value)]
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # PyYAML reads 1e-4 (no dot) as a string
+                number = float(value)  # PyYAML reads 1e-4 (no dot) as a string
             except ValueError:
                 pass
+        if number is not None:
+            # NaN passes every range check (comparisons with it are false) and inf breaks schedules
+            if not math.isfinite(number):
+                raise UserError(f"{key}: expected a finite number, got {value!r}")
+            return number
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -264,6 +272,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return config_from_dict(apply_overrides(raw, list(overrides)))
 
 
+def is_plain_name(name: str) -> bool:
+    """A name that stays one folder inside its parent: no separators, not '.' or '..'."""
+    return re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", name) is not None
+
+
 def validate(cfg: Config) -> None:
     """Cross-field and range checks; the first problem found raises a one-line UserError."""
     m, d, o, t, r = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.run
@@ -283,6 +296,8 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value is not None and value <= 0:
             raise UserError(f"{key} must be > 0, got {value}")
+    if r.name is not None and not is_plain_name(r.name):
+        raise UserError(f"run.name must be a plain folder name (letters, digits, '.', '_', '-'), got {r.name!r}")
     if t.eval_mode not in EVAL_MODES:
         raise UserError(f"train.eval_mode must be one of {', '.join(EVAL_MODES)}, got {t.eval_mode!r}")
     if t.eval_tokens < 1:

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from raygpt.config import SECTIONS, Config, apply_overrides, coerce, config_from_dict
+from raygpt.config import SECTIONS, Config, apply_overrides, coerce, config_from_dict, is_plain_name
 from raygpt.data import load_manifest
 from raygpt.errors import UserError
 from raygpt.loop import plan_for
@@ -149,6 +149,8 @@ def _check_spec(key: str, spec: Any) -> None:
 def _check_settings(s: TuneSettings) -> None:
     if s.search_alg not in SEARCH_ALGS:
         raise UserError(f"tune.search_alg must be one of {', '.join(SEARCH_ALGS)}, got {s.search_alg!r}")
+    if s.name is not None and not is_plain_name(s.name):
+        raise UserError(f"tune.name must be a plain folder name (letters, digits, '.', '_', '-'), got {s.name!r}")
     if s.scheduler not in SCHEDULERS:
         raise UserError(f"tune.scheduler must be one of {', '.join(SCHEDULERS)}, got {s.scheduler!r}")
     if s.metric not in REPORTED:
