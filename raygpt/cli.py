@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from raygpt.errors import UserError
+from raygpt.errors import TrainingFailed, UserError
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
@@ -171,8 +171,6 @@ def _run_tune(args: argparse.Namespace) -> None:
         experiment = run_search(search, address=args.address)
     analysis = report(experiment)
     if analysis.failed:
-        from raygpt.train import TrainingFailed
-
         raise TrainingFailed(f"search failed: {len(analysis.errors)} of {len(analysis.rows)} trials ended in ERROR "
                              f"(causes above; experiment: {experiment})")
 
@@ -237,11 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"raygpt: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except Exception as exc:
-        from raygpt.train import TrainingFailed
-
-        if not isinstance(exc, TrainingFailed):
-            raise
+    except TrainingFailed as exc:
         print(f"raygpt: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

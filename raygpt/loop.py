@@ -28,11 +28,11 @@ from raygpt import checkpoint as ckpt
 from raygpt import fastpath, perf, recovery
 from raygpt.config import Config, OptimConfig, TrainConfig
 from raygpt.data import WindowDataset, load_manifest, num_windows
-from raygpt.errors import UserError
+from raygpt.errors import TrainingFailed, UserError
 from raygpt.model import GPTModel, fit_rows
 from raygpt.shared_data import local_shards
 from raygpt.sampler import GlobalBatchSampler
-from raygpt.schedule import clip_gradients, should_clip, warmup_cosine_lr
+from raygpt.schedule import clip_gradients, gradient_norm, should_clip, warmup_cosine_lr
 from raygpt.tokenizer import EOT_ID, gpt2_encoding
 
 METRICS_FILE = "metrics.jsonl"
@@ -382,6 +382,11 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
             "wall_time": time.time(),  # when: start-up time is the step-0 row's minus the launch
             "total_steps": plan.total_steps,
         }
+        # All-reduced, so every rank stops here together, before this state is sampled or saved.
+        for split in ("train", "val"):
+            if not math.isfinite(metrics[f"{split}_loss"]):
+                raise TrainingFailed(f"non-finite {split} loss ({metrics[f'{split}_loss']}) at step {state.step}: "
+                                     f"the weights overflowed and were not saved: lower optim.peak_lr")
         if progress:
             progress.flush()
         if rank0:
@@ -437,8 +442,14 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
                         with fastpath.autocast(rt.device, precision):
                             loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
                         (loss / t.grad_accum_steps).backward()
-                if should_clip(state.step, o.warmup_steps, o.clip_during_warmup):
-                    clip_gradients(model.parameters(), o.max_norm)
+                clip = should_clip(state.step, o.warmup_steps, o.clip_during_warmup)
+                grad_norm = clip_gradients(model.parameters(), o.max_norm) if clip else gradient_norm(model.parameters())
+                # The gradients are all-reduced, so every rank sees the same norm and stops together,
+                # before the step: the weights (and every checkpoint) stay as they were.
+                if not math.isfinite(grad_norm.item()):
+                    raise TrainingFailed(f"non-finite gradient norm ({grad_norm.item()}) at step {state.step + 1} "
+                                         f"(loss {loss.item():.4g} on rank {rt.rank}); nothing of this step was "
+                                         f"applied or saved: lower optim.peak_lr, or check the data")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1

@@ -16,19 +16,13 @@ import yaml
 
 from raygpt import checkpoint as ckpt
 from raygpt.config import Config, apply_overrides, config_from_dict
-from raygpt.errors import UserError
+from raygpt.errors import TrainingFailed, UserError
 from raygpt.loop import METRICS_FILE, Runtime, StepPlan, plan_for, read_events, read_metrics, train_loop
 from raygpt.recovery import describe
 from raygpt.schedule import warmup_cosine_lr
 
 CONFIG_FILE = "config.yaml"
 PLOT_FILE = "loss.png"
-
-
-class TrainingFailed(Exception):
-    """Training itself failed (a worker error Ray could not recover from). Exit code 1."""
-
-    exit_code = 1
 
 
 @dataclass
