@@ -11,16 +11,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 
 from raygpt.errors import UserError
 
 FORMAT_VERSION = 1
+STATE_FILE = "state.json"  # written last: a checkpoint folder with it is complete
 _PREFIXES = ("module.", "_orig_mod.")  # added by DDP and torch.compile
 
 
@@ -43,7 +46,7 @@ def join(base: str, *parts: str) -> str:
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     try:
         return pafs.FileSystem.from_uri(uri)
-    except (pafs.ArrowInvalid, ValueError, OSError) as exc:  # type: ignore[attr-defined]
+    except (pa.ArrowException, ValueError, OSError) as exc:
         raise UserError(f"cannot open storage {uri}: {exc}") from None
 
 
@@ -73,14 +76,25 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint_{step:07d}"
 
 
+_CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)(?:-(\d+))?")
+
+
+def checkpoint_order(name: str) -> tuple[int, int] | None:
+    """(step, rewrite) of `checkpoint_<step>[-<rewrite>]`, compared as numbers (as text,
+    checkpoint_9999999 would sort after checkpoint_10000000 and -10 before -2); None for any
+    other name."""
+    match = _CHECKPOINT_NAME.fullmatch(name)
+    return (int(match[1]), int(match[2] or 0)) if match else None
+
+
 def list_checkpoints(run_uri: str) -> list[str]:
-    """URIs of the run's checkpoint folders, oldest first (names sort by step)."""
+    """URIs of the run's checkpoint folders, oldest first (by step, then by rewrite)."""
     fs, path = filesystem(run_uri)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return []
     infos = fs.get_file_info(pafs.FileSelector(path))
-    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
-    return [join(run_uri, n) for n in names]
+    names = [i.base_name for i in infos if i.type == pafs.FileType.Directory and checkpoint_order(i.base_name)]
+    return [join(run_uri, n) for n in sorted(names, key=checkpoint_order)]
 
 
 def prune_checkpoints(run_uri: str, keep: int) -> list[str]:
@@ -106,10 +120,26 @@ def prune_checkpoints(run_uri: str, keep: int) -> list[str]:
 
 
 def upload(local_dir: str, uri: str) -> None:
-    """Copy a local checkpoint folder to `uri` on storage."""
+    """Copy a local checkpoint folder to `uri` on storage, visible only when complete: on local
+    disk it is copied under a temporary name and renamed into place; on an object store (no
+    rename) `state.json`, the marker every reader trusts, is written strictly after the rest."""
     fs, path = filesystem(uri)
+    local = pafs.LocalFileSystem()
+    if isinstance(fs, pafs.LocalFileSystem):
+        parent, name = os.path.split(path.rstrip("/"))
+        fs.create_dir(parent, recursive=True)
+        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=parent)
+        try:
+            pafs.copy_files(local_dir, tmp, source_filesystem=local, destination_filesystem=local)
+            os.rename(tmp, path)
+        except BaseException:
+            fs.delete_dir(tmp)
+            raise
+        return
     fs.create_dir(path, recursive=True)
-    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    names = sorted(os.listdir(local_dir), key=lambda n: n == STATE_FILE)  # state.json last
+    for name in names:
+        pafs.copy_files(os.path.join(local_dir, name), f"{path}/{name}", source_filesystem=local, destination_filesystem=fs)
 
 
 def download(uri: str, local_dir: str) -> str:
