@@ -16,6 +16,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import sysconfig
@@ -298,7 +299,32 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
     if not has_manifest(folder):
         raise UserError(f"no {MANIFEST} in {folder}: run `raygpt prepare` to build the token shards first")
     uri = storage.join(str(folder), MANIFEST)
-    return json.loads(storage.read_text(uri) if storage.is_uri(str(folder)) else Path(uri).read_text())
+    try:
+        manifest = json.loads(storage.read_text(uri) if storage.is_uri(str(folder)) else Path(uri).read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{uri} is not a raygpt manifest (not JSON: {exc})") from None
+    check_manifest_layout(manifest, uri)
+    return manifest
+
+
+_SHARD_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+def check_manifest_layout(manifest: Any, where: str) -> None:
+    """The manifest's shape, before any of it is used: a mapping with both splits, each listing
+    shards whose file names are plain names inside the folder (a name such as
+    `../../x.arrow` would be read, or written into a cache, outside it)."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        raise UserError(f"{where} is not a raygpt manifest: expected a mapping with 'splits'")
+    for split in SPLITS:
+        shards = manifest["splits"].get(split, {}).get("shards") if isinstance(manifest["splits"].get(split), dict) else None
+        if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+            raise UserError(f"{where}: splits.{split}.shards must be a list of shard entries")
+        for entry in shards:
+            name = entry.get("file")
+            if not isinstance(name, str) or not _SHARD_FILE.fullmatch(name):
+                raise UserError(f"{where}: shard file {name!r} in splits.{split} must be a plain file name "
+                                f"(letters, digits, '.', '_', '-'; no path)")
 
 
 def _check_windows(manifest: dict[str, Any], context_len: int) -> None:

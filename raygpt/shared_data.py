@@ -59,6 +59,7 @@ def local_shards(folder: str, log: Callable[[str], None] = print) -> str:
         return folder
     manifest_text = storage.read_text(storage.join(folder, data.MANIFEST))
     manifest = json.loads(manifest_text)
+    data.check_manifest_layout(manifest, folder)  # shard names are plain names: copies stay in the cache
     key = hashlib.sha256(folder.rstrip("/").encode()).hexdigest()[:12]
     target = cache_root() / f"{key}-{manifest['fingerprint'][:12]}"
     target.parent.mkdir(parents=True, exist_ok=True)

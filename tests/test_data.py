@@ -106,6 +106,22 @@ def test_missing_manifest_says_to_run_prepare(tmp_path):
         WindowDataset(tmp_path, "train", 8)
 
 
+@pytest.mark.parametrize("text, message", [
+    ("not json", "is not a raygpt manifest \\(not JSON"),
+    ("[1, 2]", "expected a mapping with 'splits'"),
+    ('{"splits": {"train": {"shards": []}}}', "splits.val.shards must be a list"),
+    ('{"splits": {"train": {"shards": [{"file": "../../escape/payload.arrow"}]}, "val": {"shards": []}}}',
+     "shard file '../../escape/payload.arrow' in splits.train must be a plain file name"),
+    ('{"splits": {"train": {"shards": [{"file": "/etc/passwd"}]}, "val": {"shards": []}}}', "must be a plain file name"),
+    ('{"splits": {"train": {"shards": []}, "val": {"shards": [{"file": ".."}]}}}', "must be a plain file name"),
+])
+def test_a_bad_manifest_is_one_line_and_no_shard_path_leaves_the_folder(tmp_path, text, message):
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(UserError, match=message) as info:
+        WindowDataset(tmp_path, "train", 8)
+    assert "\n" not in str(info.value)
+
+
 # ----------------------------------------------------------------------------- prepare round trips
 
 
