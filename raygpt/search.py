@@ -24,7 +24,8 @@ from typing import Any
 
 import yaml
 
-from raygpt.config import SECTIONS, Config, apply_overrides, coerce, config_from_dict, is_plain_name
+from raygpt.config import (SECTIONS, Config, apply_overrides, coerce, config_from_dict, is_plain_name,
+                           read_yaml_file)
 from raygpt.data import load_manifest
 from raygpt.errors import UserError
 from raygpt.loop import plan_for
@@ -182,11 +183,7 @@ def _check_sampling(search: Search) -> None:
 def load_search(path: str, overrides: list[str] = ()) -> Search:
     if not os.path.isfile(path):
         raise UserError(f"search file not found: {path}")
-    try:
-        raw = yaml.safe_load(open(path).read())
-    except yaml.YAMLError as exc:
-        raise UserError(f"search file {path} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    return parse_search(raw, list(overrides))
+    return parse_search(read_yaml_file(path, "search file"), list(overrides))
 
 
 def search_base(search_file: dict[str, Any]) -> dict[str, Any]:

@@ -154,3 +154,15 @@ def test_nan_and_inf_are_refused_in_one_line(override):
 def test_a_run_name_is_one_folder_inside_the_storage(name):
     with pytest.raises(UserError, match="run.name must be a plain folder name"):
         load_config(None, [f"run.name={name}"])
+
+
+def test_a_key_given_twice_is_refused_naming_it_and_the_line(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  batch_size: 8\n  seed: 1\n  batch_size: 16\n")
+    with pytest.raises(UserError, match=r"\(line 4\): key 'batch_size' is given twice"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
+    (tmp_path / "c.yaml").write_bytes(b"train:\n  seed: \xff\n")
+    with pytest.raises(UserError, match=r"c.yaml is not UTF-8 text \(byte 0xff at offset 15\)"):
+        load_config(tmp_path / "c.yaml")

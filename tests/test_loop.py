@@ -13,9 +13,9 @@ from raygpt.config import TrainConfig, load_config
 from raygpt.data import WindowDataset
 from raygpt.errors import UserError
 from raygpt.generate import load_model
-from raygpt.loop import (build_optimizer, plan_steps, read_events, read_metrics, run_without_ray, spread_windows,
-                         step_seed)
+from raygpt.loop import build_optimizer, plan_steps, run_without_ray, spread_windows, step_seed
 from raygpt.model import GPTModel
+from raygpt.runs import read_events, read_metrics
 
 from helpers import make_corpus, make_prose_corpus, tiny_config, tiny_overrides
 

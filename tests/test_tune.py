@@ -12,7 +12,7 @@ import yaml
 
 from raygpt.analysis import analyze
 from raygpt.config import load_config
-from raygpt.loop import read_events
+from raygpt.runs import read_events
 from raygpt.analysis import _tokens_to_max_t
 from raygpt.search import TuneSettings, expand, parse_search
 from raygpt.tune import (rung_milestones, rung_save_steps, trial_save_steps, runs_in_trial, trial_footprint, trial_reservation,
