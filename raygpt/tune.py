@@ -129,6 +129,14 @@ def trial_save_steps(trial: Trial, settings: TuneSettings, max_t: float) -> tupl
     return rung_save_steps(trial, settings, max_t)
 
 
+def hyperband_smallest_bracket(max_t: int, reduction_factor: float) -> int:
+    """Trials in the first bracket Ray's HyperBandScheduler halves (its bracket s=1; s=0 runs every
+    trial to max_t). Halving waits for the bracket's trials to reach its milestone, and Tune creates
+    only max_concurrent_trials at a time, so with fewer running at once nothing is ever stopped."""
+    s_max_1 = int(round(math.log(max_t) / math.log(reduction_factor))) + 1
+    return math.ceil(s_max_1 / 2 * reduction_factor)
+
+
 def default_max_t(trials: list[Trial], settings: TuneSettings) -> int:
     return settings.max_t or max(t.total_steps if settings.time_attr == "step" else t.total_tokens for t in trials)
 
@@ -245,6 +253,10 @@ def run_search(search: Search, *, address: str | None = None, log=print) -> str:
     num_trials = s.num_samples if searcher else len(trials)
     cap, why = concurrency(first, s, num_trials)
     max_t = default_max_t(trials, s)
+    if s.scheduler == "hyperband" and s.early_stopping and cap < hyperband_smallest_bracket(max_t, s.reduction_factor):
+        log(f"warning: tune.scheduler hyperband halves a bracket of {hyperband_smallest_bracket(max_t, s.reduction_factor)} "
+            f"trials at the least, but only {cap} run at once and Tune creates trials as slots free: it will stop "
+            f"nothing early (measured); use tune.scheduler asha, or more concurrency")
     if not searcher:
         log(f"launch order (seed {s.seed}{'' if s.shuffle else ', as listed'}):")
         for i, trial in enumerate(trials):

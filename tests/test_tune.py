@@ -255,3 +255,12 @@ def test_optuna_suggests_valid_trials(ray_address, data_dir, tmp_path, run_cli):
     assert len(analysis.rows) == 3 and not analysis.errors
     assert all(r["optim.initial_lr"] == 0.001 and r["status"] == "TERMINATED" for r in analysis.rows)
     assert len({r["optim.peak_lr"] for r in analysis.rows}) == 3
+
+
+@pytest.mark.parametrize("max_t, eta", [(54, 3), (45, 3), (1000, 4), (12, 2)])
+def test_the_smallest_hyperband_bracket_is_rays(max_t, eta):
+    from ray.tune.schedulers import HyperBandScheduler
+
+    from raygpt.tune import hyperband_smallest_bracket
+
+    assert hyperband_smallest_bracket(max_t, eta) == HyperBandScheduler(max_t=max_t, reduction_factor=eta)._get_n0(1)
