@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from raygpt import fastpath
 from raygpt.data import WindowDataset, prepare
 from raygpt.generate import load_model, resolve_checkpoint
-from raygpt.loop import METRICS_FILE, Runtime, eval_window_count, evaluate, spread_windows
+from raygpt.runs import METRICS_FILE
+from raygpt.loop import Runtime, eval_window_count, evaluate, spread_windows
 
 TOKENS = (4096, 8192, 16384, 32768, 65536, 131072, 262144)
 
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("give --checkpoint and --data (or --prepare-prose DIR)")
     torch.set_num_threads(args.threads)
 
-    folder = resolve_checkpoint(args.checkpoint)
+    folder = resolve_checkpoint(args.checkpoint)[0]
     model, state = load_model(folder)
     cfg = state["config"]
     t, ctx = cfg["train"], cfg["model"]["context_len"]

@@ -17,9 +17,9 @@ from typing import Any
 
 import yaml
 
-from raygpt import checkpoint as ckpt
+from raygpt import storage
 from raygpt.errors import UserError
-from raygpt.loop import read_metrics
+from raygpt.runs import best_checkpoint, read_metrics
 from raygpt.search import SEARCH_FILE, TuneSettings, search_base, settings_from_dict, trial_config
 
 TABLE = "trials"  # .csv and .parquet
@@ -54,27 +54,14 @@ def _rung(stopped_at: float, settings: TuneSettings) -> int:
     return k
 
 
-def _best_checkpoint(run_dir: str) -> tuple[str | None, float]:
-    """The kept checkpoint with the lowest val_loss (from its state.json)."""
-    best, best_loss = None, math.inf
-    for uri in ckpt.list_checkpoints(run_dir):
-        state_uri = ckpt.join(uri, "state.json")
-        if not ckpt.exists(state_uri):
-            continue
-        loss = json.loads(ckpt.read_text(state_uri)).get("val_loss")
-        if loss is not None and loss < best_loss:
-            best, best_loss = uri, loss
-    return best, best_loss
-
-
 def analyze(experiment_dir: str) -> Analysis:
     from ray.tune import ExperimentAnalysis
 
-    experiment_dir = ckpt.resolve_storage(experiment_dir).rstrip("/")
-    search_uri = ckpt.join(experiment_dir, SEARCH_FILE)
-    if not ckpt.exists(search_uri):
+    experiment_dir = storage.resolve_storage(experiment_dir).rstrip("/")
+    search_uri = storage.join(experiment_dir, SEARCH_FILE)
+    if not storage.exists(search_uri):
         raise UserError(f"no raygpt experiment in {experiment_dir} (no {SEARCH_FILE})")
-    search = yaml.safe_load(ckpt.read_text(search_uri))
+    search = yaml.safe_load(storage.read_text(search_uri))
     settings = settings_from_dict(search["tune"])
     launch = search.get("launch") or {}
     max_t = launch.get("max_t")
@@ -90,7 +77,7 @@ def analyze(experiment_dir: str) -> Analysis:
     for trial in ea.trials:
         hp = trial.config["hp"]
         cfg = trial_config(base, hp).to_dict()
-        run_dir = ckpt.join(experiment_dir, f"train-{trial.trial_id}")
+        run_dir = storage.join(experiment_dir, f"train-{trial.trial_id}")
         metrics = read_metrics(run_dir)
         curves[trial.trial_id] = metrics
         configs[trial.trial_id] = cfg
@@ -104,7 +91,7 @@ def analyze(experiment_dir: str) -> Analysis:
         if trial.status == "ERROR":
             errors[trial.trial_id] = _error_cause(trial)
         finished_early = trial.status == "TERMINATED" and total_steps is not None and steps < total_steps
-        best_uri, _ = _best_checkpoint(run_dir)
+        best_uri, _ = best_checkpoint(run_dir)
         time_value = steps if settings.time_attr == "step" else tokens
         rows.append({
             "trial_id": trial.trial_id,
@@ -118,7 +105,7 @@ def analyze(experiment_dir: str) -> Analysis:
             "rung": _rung(time_value, settings) if finished_early else None,
             "status": trial.status,
             "error": errors.get(trial.trial_id),
-            "best_checkpoint": os.path.relpath(best_uri, experiment_dir) if best_uri and not ckpt.is_uri(best_uri)
+            "best_checkpoint": os.path.relpath(best_uri, experiment_dir) if best_uri and not storage.is_uri(best_uri)
             else (best_uri[len(experiment_dir) + 1:] if best_uri else None),
         })
     rows.sort(key=lambda r: (r["best_val_loss"] is None, r["best_val_loss"] if r["best_val_loss"] is not None else 0))
@@ -168,7 +155,7 @@ def write_outputs(analysis: Analysis, out_dir: str | None = None) -> dict[str, s
     import pyarrow.parquet as pq
 
     out = out_dir or analysis.experiment_dir
-    if ckpt.is_uri(out):
+    if storage.is_uri(out):
         raise UserError("write the analysis to a local folder: pass --out DIR for an experiment on remote storage")
     os.makedirs(out, exist_ok=True)
     table = pa.Table.from_pylist(analysis.rows)

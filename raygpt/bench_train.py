@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from raygpt.errors import UserError
-from raygpt.loop import read_metrics
+from raygpt.runs import read_metrics
 from raygpt.model import PRESETS
 
 # Bench shapes: the model preset (or sizes) and the global batch each trains with.

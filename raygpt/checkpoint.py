@@ -1,124 +1,24 @@
-"""Checkpoints and the shared storage they live on.
+"""Checkpoints: what one holds, and how it is saved and loaded.
 
 A checkpoint is a folder `checkpoint_<step>` holding `model.pt` and `optimizer.pt` (plain state
 dicts, loaded with `torch.load(weights_only=True)`: no arbitrary unpickling) and `state.json`
 (step, epoch, data position, tokens seen, the run's config, the format version). Runs live in
-`<storage_path>/<run name>/`; storage is a local folder or any pyarrow filesystem URI.
+`<storage_path>/<run name>/` (`raygpt.runs` names, orders and prunes them).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
 import torch
 
 from raygpt.errors import UserError
+from raygpt.storage import STATE_FILE
 
 FORMAT_VERSION = 1
 _PREFIXES = ("module.", "_orig_mod.")  # added by DDP and torch.compile
-
-
-# ----------------------------------------------------------------------------- storage
-
-
-def is_uri(path: str) -> bool:
-    return "://" in str(path)
-
-
-def resolve_storage(path: str) -> str:
-    """Absolute local path, or the URI unchanged."""
-    return str(path) if is_uri(path) else os.path.abspath(os.path.expanduser(str(path)))
-
-
-def join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
-
-
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    try:
-        return pafs.FileSystem.from_uri(uri)
-    except (pafs.ArrowInvalid, ValueError, OSError) as exc:  # type: ignore[attr-defined]
-        raise UserError(f"cannot open storage {uri}: {exc}") from None
-
-
-def exists(uri: str) -> bool:
-    fs, path = filesystem(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
-def read_text(uri: str) -> str:
-    fs, path = filesystem(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read().decode()
-
-
-def write_text(uri: str, text: str) -> None:
-    """Write a small file whole (object stores have no append); local writes are atomic."""
-    fs, path = filesystem(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    tmp = path + ".tmp" if isinstance(fs, pafs.LocalFileSystem) else path
-    with fs.open_output_stream(tmp) as f:
-        f.write(text.encode())
-    if tmp != path:
-        fs.move(tmp, path)
-
-
-def checkpoint_name(step: int) -> str:
-    return f"checkpoint_{step:07d}"
-
-
-def list_checkpoints(run_uri: str) -> list[str]:
-    """URIs of the run's checkpoint folders, oldest first (names sort by step)."""
-    fs, path = filesystem(run_uri)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return []
-    infos = fs.get_file_info(pafs.FileSelector(path))
-    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
-    return [join(run_uri, n) for n in names]
-
-
-def prune_checkpoints(run_uri: str, keep: int) -> list[str]:
-    """Keep the `keep` checkpoints of lowest val_loss (as their state.json says) and the newest,
-    as Ray Train's CheckpointConfig(num_to_keep) does; delete the others. Returns the deleted."""
-    uris = list_checkpoints(run_uri)
-    if len(uris) <= keep:
-        return []
-
-    def val_loss(uri: str) -> float:
-        try:
-            loss = json.loads(read_text(join(uri, "state.json"))).get("val_loss")
-        except (OSError, ValueError):
-            return math.inf
-        return loss if isinstance(loss, (int, float)) else math.inf
-
-    kept = set(sorted(uris, key=val_loss)[:keep]) | {uris[-1]}
-    deleted = [uri for uri in uris if uri not in kept]
-    for uri in deleted:
-        fs, path = filesystem(uri)
-        fs.delete_dir(path)
-    return deleted
-
-
-def upload(local_dir: str, uri: str) -> None:
-    """Copy a local checkpoint folder to `uri` on storage."""
-    fs, path = filesystem(uri)
-    fs.create_dir(path, recursive=True)
-    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-
-
-def download(uri: str, local_dir: str) -> str:
-    """Copy a checkpoint folder from storage to `local_dir` (a no-op for a local folder)."""
-    if not is_uri(uri):
-        return uri
-    fs, path = filesystem(uri)
-    pafs.copy_files(path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return local_dir
 
 
 # ----------------------------------------------------------------------------- save / load
@@ -151,20 +51,35 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch
     if optimizer is not None:
         torch.save(optimizer.state_dict(), folder / "optimizer.pt")
     # state.json last: a folder with it is complete.
-    (folder / "state.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **state}, indent=1))
+    (folder / STATE_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, **state}, indent=1))
 
 
 def read_state(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / "state.json"
+    path = Path(folder) / STATE_FILE
     try:
         state = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{folder} is not a raygpt checkpoint (no state.json)") from None
-    except json.JSONDecodeError:
+    except (ValueError, UnicodeDecodeError):
         raise UserError(f"checkpoint {folder} is damaged: state.json is not valid JSON") from None
-    if state.get("format_version", 0) > FORMAT_VERSION:
-        raise UserError(f"checkpoint {folder} has format {state['format_version']}, newer than this raygpt reads")
+    check_state(state, str(folder))
     return state
+
+
+def check_state(state: Any, where: str) -> None:
+    """A state.json this raygpt can use: a mapping of a known format version with the run's
+    config (model section included)."""
+    if not isinstance(state, dict):
+        raise UserError(f"checkpoint {where} is damaged: state.json is not a mapping")
+    version = state.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise UserError(f"checkpoint {where} is damaged: format_version {version!r} is not an integer")
+    if version > FORMAT_VERSION:
+        raise UserError(f"checkpoint {where} has format {version}, newer than this raygpt reads "
+                        f"({FORMAT_VERSION}); upgrade raygpt")
+    config = state.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise UserError(f"checkpoint {where} is damaged: state.json has no model config")
 
 
 def load_checkpoint(folder: str | Path, with_optimizer: bool = True) -> dict[str, Any]:
@@ -197,5 +112,12 @@ def check_same_shape(checkpoint_model: dict[str, Any], model_cfg: Any, where: st
         raise UserError(f"checkpoint {where} is for a different model shape (checkpoint vs config: {', '.join(diffs)})")
 
 
-def temporary_dir(prefix: str = "raygpt-") -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix=prefix)
+def check_same_data(state: dict[str, Any], fingerprint: str | None, where: str) -> None:
+    """Refuse to resume on other data than the run trained on: the data position in a checkpoint
+    (epoch, batches consumed) means nothing over a re-prepared corpus. Checkpoints written before
+    the fingerprint was recorded pass."""
+    trained_on = state.get("data_fingerprint")
+    if trained_on is not None and fingerprint is not None and trained_on != fingerprint:
+        raise UserError(f"checkpoint {where} was trained on data {trained_on[:12]}, but data.dir now holds "
+                        f"{fingerprint[:12]} (prepared again from other inputs or options?); resume with the "
+                        f"data it trained on, or start a new run")

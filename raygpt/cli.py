@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from raygpt.errors import UserError
+from raygpt.errors import TrainingFailed, UserError
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +22,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--context-len", type=int, help="check the corpus holds one window (default: config or 1024)")
     p.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard file (default 32Mi)")
     p.add_argument("--threads", type=int, default=None, help="tokenizer threads (default: all cores)")
-    p.add_argument("--force", action="store_true", help="rebuild even when the output is up to date")
+    p.add_argument("--force", action="store_true",
+                   help="rebuild even when the output is up to date; into a folder holding files raygpt did not "
+                        "write, replace only raygpt's own files and keep the others")
     p.set_defaults(func=_run_prepare)
 
 
@@ -35,7 +37,7 @@ def _run_prepare(args: argparse.Namespace) -> None:
     if args.config or args.overrides:
         cfg = load_config(args.config, args.overrides)
         out = out or cfg.data.dir
-        context_len = context_len or cfg.model.context_len
+        context_len = cfg.model.context_len if context_len is None else context_len
     if not args.inputs and not args.source:
         if args.config:
             args.source = "stdlib"  # the config's corpus is the default one unless inputs are given
@@ -45,7 +47,8 @@ def _run_prepare(args: argparse.Namespace) -> None:
         raise UserError("--out is required with input paths (e.g. --out data/mycorpus)")
     prepare_to(
         out or "data/stdlib", inputs=args.inputs, source=args.source, val_fraction=args.val_fraction,
-        context_len=context_len or 1024, shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS,
+        context_len=1024 if context_len is None else context_len,
+        shard_tokens=DEFAULT_SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens,
         threads=args.threads, force=args.force,
     )
 
@@ -101,6 +104,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="RUN", help="continue a run (its name under run.storage_path, or its folder)")
     p.add_argument("--no-ray", action="store_true",
                    help="the same loop without Ray: one process, or DDP when started by torchrun")
+    p.add_argument("--check", action="store_true",
+                   help="check the config, data and run folder as a launch would, print the plan, start nothing")
     p.set_defaults(func=_run_train)
 
 
@@ -111,14 +116,25 @@ def _run_train(args: argparse.Namespace) -> None:
     from raygpt.train import resume_paths, run_config, train
 
     if args.resume and not args.config:
-        storage = load_config(None, [o for o in args.overrides if o.startswith("run.storage_path=")])
-        cfg = run_config(resume_paths(args.resume, storage.run.storage_path), args.overrides)
+        where = load_config(None, [o for o in args.overrides if o.startswith("run.storage_path=")])
+        cfg = run_config(resume_paths(args.resume, where.run.storage_path), args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
     if cfg.data.source and not has_manifest(cfg.data.dir):
+        if args.check:
+            print(f"config ok; data.dir {cfg.data.dir} is not prepared yet (a launch prepares it from "
+                  f"{cfg.data.source} first, then checks it)")
+            return
         prepare_to(cfg.data.dir, source=cfg.data.source, context_len=cfg.model.context_len)
     load_manifest(cfg.data.dir)
-    if args.no_ray:
+    if args.check:
+        from raygpt.train import preflight
+
+        paths, plan = preflight(cfg, args.resume)
+        print(f"ok: run {paths.name} ({'resume' if args.resume else 'new'}) -> {paths.uri}: {plan.total_steps} steps "
+              f"of {cfg.train.batch_size} x {cfg.model.context_len} tokens on {cfg.run.num_workers} worker(s); "
+              f"nothing started")
+    elif args.no_ray:
         _train_without_ray(cfg, args.resume)
     else:
         train(cfg, address=args.address, resume=args.resume)
@@ -129,17 +145,22 @@ def _train_without_ray(cfg, resume: str | None) -> None:
     run.cpus_per_worker threads each; a run folder with checkpoints resumes from the newest."""
     import torch
 
-    from raygpt import checkpoint as ckpt
+    from raygpt import storage
     from raygpt.loop import run_without_ray
+    from raygpt.runs import Lease
     from raygpt.train import new_run_name, resume_paths
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (cfg.run.name or resume):
         raise UserError("under torchrun every rank must name the same run: set run.name")
     torch.set_num_threads(max(1, int(cfg.run.cpus_per_worker)))
     run_dir = (resume_paths(resume, cfg.run.storage_path).uri if resume
-               else ckpt.join(ckpt.resolve_storage(cfg.run.storage_path), cfg.run.name or new_run_name()))
+               else storage.join(storage.resolve_storage(cfg.run.storage_path), cfg.run.name or new_run_name()))
     print(f"run {run_dir.rsplit('/', 1)[-1]} without Ray -> {run_dir}")
-    run_without_ray(cfg, ckpt.resolve_storage(cfg.data.dir), run_dir)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 holds the run's lease
+        run_without_ray(cfg, storage.resolve_storage(cfg.data.dir), run_dir)
+        return
+    with Lease(run_dir):
+        run_without_ray(cfg, storage.resolve_storage(cfg.data.dir), run_dir)
 
 
 def _add_tune(sub: argparse._SubParsersAction) -> None:
@@ -171,8 +192,6 @@ def _run_tune(args: argparse.Namespace) -> None:
         experiment = run_search(search, address=args.address)
     analysis = report(experiment)
     if analysis.failed:
-        from raygpt.train import TrainingFailed
-
         raise TrainingFailed(f"search failed: {len(analysis.errors)} of {len(analysis.rows)} trials ended in ERROR "
                              f"(causes above; experiment: {experiment})")
 
@@ -237,11 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"raygpt: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except Exception as exc:
-        from raygpt.train import TrainingFailed
-
-        if not isinstance(exc, TrainingFailed):
-            raise
+    except TrainingFailed as exc:
         print(f"raygpt: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

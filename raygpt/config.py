@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import types
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,13 +195,19 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
             raise UserError(f"{key}: expected a list of {_type_name(item_hint)}, got {value!r}")
         return [coerce(f"{key}[{i}]", v, item_hint) for i, v in enumerate(value)]
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # PyYAML reads 1e-4 (no dot) as a string
+                number = float(value)  # PyYAML reads 1e-4 (no dot) as a string
             except ValueError:
                 pass
+        if number is not None:
+            # NaN passes every range check (comparisons with it are false) and inf breaks schedules
+            if not math.isfinite(number):
+                raise UserError(f"{key}: expected a finite number, got {value!r}")
+            return number
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -245,6 +253,41 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     return cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
+
+
+def read_yaml_file(path: str | Path, what: str) -> Any:
+    """A YAML file's content; not UTF-8, not YAML or a key given twice is one line naming the
+    file and the line."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror}") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "cannot parse"
+        raise UserError(f"{what} {path} is not valid YAML{where}: {problem}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config file (or start from defaults when `path` is None) and apply overrides."""
     raw: Any = {}
@@ -252,16 +295,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise UserError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or "cannot parse"
-            raise UserError(f"config file {path} is not valid YAML{where}: {problem}") from None
+        raw = read_yaml_file(path, "config file") or {}
         if not isinstance(raw, dict):
             raise UserError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
     return config_from_dict(apply_overrides(raw, list(overrides)))
+
+
+def is_plain_name(name: str) -> bool:
+    """A name that stays one folder inside its parent: no separators, not '.' or '..'."""
+    return re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", name) is not None
 
 
 def validate(cfg: Config) -> None:
@@ -283,6 +325,8 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value is not None and value <= 0:
             raise UserError(f"{key} must be > 0, got {value}")
+    if r.name is not None and not is_plain_name(r.name):
+        raise UserError(f"run.name must be a plain folder name (letters, digits, '.', '_', '-'), got {r.name!r}")
     if t.eval_mode not in EVAL_MODES:
         raise UserError(f"train.eval_mode must be one of {', '.join(EVAL_MODES)}, got {t.eval_mode!r}")
     if t.eval_tokens < 1:

@@ -16,8 +16,11 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import sys
+import tempfile
 import sysconfig
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +34,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
-from raygpt import __version__
+from raygpt import __version__, storage
 from raygpt.errors import UserError
 from raygpt.tokenizer import EOT_ID, gpt2_encoding
 
@@ -133,6 +136,9 @@ def read_documents(path: Path, stats: ReadStats) -> Iterator[str]:
         names = pfile.schema_arrow.names
         if "text" not in names:
             raise UserError(f"{path}: parquet file has no 'text' column (columns: {', '.join(names)})")
+        kind = pfile.schema_arrow.field("text").type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise UserError(f"{path}: parquet column 'text' holds {kind}, expected strings")
         stats.digests[path] = file_sha256(path)  # pyarrow reads the columns; hash the bytes apart
         for batch in pfile.iter_batches(batch_size=1024, columns=["text"]):
             column = batch.column(0)
@@ -285,20 +291,98 @@ def _tokenize_parallel(documents: Iterator[str], threads: int) -> Iterator[np.nd
 
 def has_manifest(folder: str | Path) -> bool:
     """Whether a prepared folder (local, NFS, or a storage URI) is complete: it has its manifest."""
-    from raygpt import checkpoint as storage
-
     uri = storage.join(str(folder), MANIFEST)
     return storage.exists(uri) if storage.is_uri(str(folder)) else os.path.isfile(uri)
 
 
 def load_manifest(folder: str | Path) -> dict[str, Any]:
     """The manifest of a prepared folder: local, NFS, or a storage URI (s3://, gs://, file://)."""
-    from raygpt import checkpoint as storage
-
     if not has_manifest(folder):
         raise UserError(f"no {MANIFEST} in {folder}: run `raygpt prepare` to build the token shards first")
     uri = storage.join(str(folder), MANIFEST)
-    return json.loads(storage.read_text(uri) if storage.is_uri(str(folder)) else Path(uri).read_text())
+    try:
+        manifest = json.loads(storage.read_text(uri) if storage.is_uri(str(folder)) else Path(uri).read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{uri} is not a raygpt manifest (not JSON: {exc})") from None
+    check_manifest_layout(manifest, uri)
+    return manifest
+
+
+_SHARD_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+def check_manifest_layout(manifest: Any, where: str) -> None:
+    """The manifest's shape, before any of it is used: a mapping with both splits, each listing
+    shards whose file names are plain names inside the folder (a name such as
+    `../../x.arrow` would be read, or written into a cache, outside it)."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        raise UserError(f"{where} is not a raygpt manifest: expected a mapping with 'splits'")
+    for split in SPLITS:
+        shards = manifest["splits"].get(split, {}).get("shards") if isinstance(manifest["splits"].get(split), dict) else None
+        if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+            raise UserError(f"{where}: splits.{split}.shards must be a list of shard entries")
+        for entry in shards:
+            name = entry.get("file")
+            if not isinstance(name, str) or not _SHARD_FILE.fullmatch(name):
+                raise UserError(f"{where}: shard file {name!r} in splits.{split} must be a plain file name "
+                                f"(letters, digits, '.', '_', '-'; no path)")
+            for key in ("tokens", "bytes"):
+                if (key in entry or key == "tokens") and not _is_count(entry.get(key)):
+                    raise UserError(f"{where}: shard {name} {key} must be a whole number >= 0, got {entry.get(key)!r}")
+    for split in SPLITS:  # the counts, once every split's shape and names are known good
+        total = manifest["splits"][split].get("tokens")
+        if not _is_count(total) or total != sum(e["tokens"] for e in manifest["splits"][split]["shards"]):
+            raise UserError(f"{where}: splits.{split}.tokens {total!r} is not the sum of its shards' tokens")
+    if not isinstance(manifest.get("fingerprint", ""), str):
+        raise UserError(f"{where}: fingerprint must be a string, got {manifest['fingerprint']!r}")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def shard_entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    return [s for split in SPLITS for s in manifest["splits"][split]["shards"]]
+
+
+def shard_problem(folder: Path, manifest: dict[str, Any], full: bool = True) -> str | None:
+    """What is wrong with the shards in `folder` against the manifest, or None. `full` checks
+    content hashes; otherwise only sizes (cheap enough for every start)."""
+    for entry in shard_entries(manifest):
+        path = folder / entry["file"]
+        if not path.is_file():
+            return f"{entry['file']} is missing"
+        if "bytes" in entry and path.stat().st_size != entry["bytes"]:
+            return f"{entry['file']} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
+        if full and "sha256" in entry and file_sha256(path) != entry["sha256"]:
+            return f"{entry['file']} differs from the manifest's sha256"
+        if full and "sha256" not in entry and len(read_shard(path)) != entry["tokens"]:
+            return f"{entry['file']} does not hold the manifest's {entry['tokens']} tokens"
+    return None
+
+
+def check_data_for_model(manifest: dict[str, Any], folder: str, vocabulary_size: int) -> None:
+    """Before anything starts: the data is a token format this raygpt reads, its token ids fit
+    the model's vocabulary, and (for a local folder) every shard is there at its size."""
+    where = f"{folder}/{MANIFEST}"
+    version = manifest.get("format_version")
+    if manifest.get("format") != "raygpt-tokens" or not isinstance(version, int) or isinstance(version, bool):
+        raise UserError(f"{where} is not a raygpt token manifest (format {manifest.get('format')!r}, "
+                        f"version {version!r}); run `raygpt prepare` again")
+    if version > FORMAT_VERSION:
+        raise UserError(f"{where} has format version {version}, newer than this raygpt reads ({FORMAT_VERSION}); "
+                        f"upgrade raygpt or prepare the data again")
+    if manifest.get("tokenizer") != "gpt2" or manifest.get("dtype") != "uint16":
+        raise UserError(f"{where}: tokenizer {manifest.get('tokenizer')!r} / dtype {manifest.get('dtype')!r}; "
+                        f"this raygpt reads gpt2 / uint16 shards")
+    n_vocab = manifest.get("n_vocab", 50257)
+    if not isinstance(n_vocab, int) or n_vocab > vocabulary_size:
+        raise UserError(f"model.vocabulary_size {vocabulary_size} is smaller than the data's vocabulary "
+                        f"({n_vocab} gpt2 token ids in {folder}); use at least {n_vocab}")
+    if not storage.is_uri(folder):
+        problem = shard_problem(Path(folder), manifest, full=False)
+        if problem:
+            raise UserError(f"data {folder} is damaged: {problem}; run `raygpt prepare` again")
 
 
 def _check_windows(manifest: dict[str, Any], context_len: int) -> None:
@@ -329,8 +413,11 @@ def prepare(
     """
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if context_len <= 0 or shard_tokens <= 0:
-        raise UserError("--context-len and --shard-tokens must be > 0")
+    for option, value in (("--context-len", context_len), ("--shard-tokens", shard_tokens)):
+        if value <= 0:
+            raise UserError(f"{option} must be > 0, got {value}")
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}")
     threads = threads or available_threads()
     if source == "stdlib":
         if inputs:
@@ -346,37 +433,49 @@ def prepare(
     if not files:
         raise UserError(f"empty corpus: no input files in {described}")
 
-    out = Path(out)
+    out = Path(os.path.realpath(out))  # a symlinked --out: build where it points, the link stays
     options = {
         "format_version": FORMAT_VERSION, "tokenizer": "gpt2", "source": source or "files",
         "val_fraction": val_fraction, "shard_tokens": shard_tokens,
     }
     if source == "stdlib":
         options["python"] = sys.version
+    _recover_interrupted_swap(out, log)
+    old: dict[str, Any] | None = None
     if (out / MANIFEST).is_file():
-        old = json.loads((out / MANIFEST).read_text())
+        old = load_manifest(out)
         # Only an existing build needs the inputs hashed up front; a build hashes while reading.
         if not force and old.get("fingerprint") == fingerprint(files, options, root):
             _check_windows(old, context_len)
             log(f"{out} is up to date ({old['splits']['train']['tokens']:,} train tokens); nothing to do")
             return old
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        # Never overwrite a folder we did not write.
-        raise UserError(f"output {out} exists and is not a raygpt data folder; choose another --out")
+    elif out.exists() and not out.is_dir():
+        raise UserError(f"output {out} is a file, not a folder; choose another --out")
+    foreign = _foreign_entries(out, old)
+    if foreign and not force:
+        # Never delete what raygpt did not write.
+        what = "is not a raygpt data folder" if old is None else "holds files raygpt did not write"
+        raise UserError(f"output {out} {what} ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                        f"choose another --out, or pass --force to write raygpt's files beside them")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        storage.remove_abandoned(out.parent, out.name)
+        tmp = Path(tempfile.mkdtemp(prefix=storage.temp_prefix(out.name), dir=out.parent))
+    except OSError as exc:
+        raise UserError(f"cannot write --out {out}: {exc.strerror} ({exc.filename or out.parent})") from None
     try:
         manifest = _tokenize_to(tmp, files, root, described, options, val_fraction, shard_tokens, threads, progress)
         _check_windows(manifest, context_len)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        old_dir = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            out.rename(old_dir)
-        tmp.rename(out)
-        shutil.rmtree(old_dir, ignore_errors=True)
+        if foreign:
+            _replace_own_files(tmp, out, old, manifest)
+        else:
+            old_dir = out.parent / f".{out.name}.old-{socket.gethostname()}-{os.getpid()}"
+            if out.exists():
+                out.rename(old_dir)
+            tmp.rename(out)
+            shutil.rmtree(old_dir, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -393,6 +492,52 @@ def prepare(
     if val["tokens"] < context_len + 1:
         log(f"warning: the val split has {val['tokens']} tokens, fewer than one window of {context_len + 1}")
     return manifest
+
+
+def _own_files(manifest: dict[str, Any] | None) -> set[str]:
+    """The files a prepare wrote: its manifest and the shards it lists."""
+    if manifest is None:
+        return set()
+    return {MANIFEST} | {s["file"] for split in SPLITS for s in manifest["splits"][split]["shards"]}
+
+
+def _foreign_entries(out: Path, old: dict[str, Any] | None) -> list[str]:
+    """What `out` holds that raygpt did not write (folders shown with a trailing /)."""
+    if not out.is_dir():
+        return []
+    own = _own_files(old)
+    return sorted(e.name + ("/" if e.is_dir() else "") for e in out.iterdir() if e.name not in own)
+
+
+def _replace_own_files(new: Path, out: Path, old: dict[str, Any] | None, manifest: dict[str, Any]) -> None:
+    """`--force` into a folder holding others' files: swap only raygpt's own files. The manifest
+    goes first and comes back last, so an interruption leaves a folder that does not look done."""
+    old_files, new_files = _own_files(old), _own_files(manifest) - {MANIFEST}
+    clash = sorted(n for n in new_files if (out / n).exists() and n not in old_files)
+    if clash:
+        raise UserError(f"output {out} holds files named like raygpt's shards ({', '.join(clash[:3])}); "
+                        f"choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    for name in sorted(old_files - {MANIFEST}):
+        (out / name).unlink(missing_ok=True)
+    for name in sorted(new_files):
+        os.replace(new / name, out / name)
+    os.replace(new / MANIFEST, out / MANIFEST)
+
+
+def _recover_interrupted_swap(out: Path, log) -> None:
+    """A prepare killed between moving the old folder aside and moving the new one in leaves
+    `out` missing and the old build at `.<out>.old-<host>-<pid>`: put it back."""
+    if out.exists():
+        return
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.old-{re.escape(socket.gethostname())}-(\d+)")
+    for entry in sorted(out.parent.iterdir()) if out.parent.is_dir() else []:
+        match = pattern.fullmatch(entry.name)
+        if match and not storage.pid_alive(int(match[1])) and (entry / MANIFEST).is_file():
+            entry.rename(out)
+            log(f"restored {out} from an interrupted rebuild ({entry.name})")
+            return
 
 
 def _tokenize_to(

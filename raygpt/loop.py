@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import tempfile
 import time
@@ -25,17 +24,17 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 from raygpt import checkpoint as ckpt
-from raygpt import fastpath, perf, recovery
+from raygpt import storage
+from raygpt import fastpath, perf, recovery, runs
 from raygpt.config import Config, OptimConfig, TrainConfig
-from raygpt.data import WindowDataset, load_manifest, num_windows
-from raygpt.errors import UserError
+from raygpt.data import WindowDataset, check_data_for_model, load_manifest, num_windows
+from raygpt.errors import TrainingFailed, UserError
 from raygpt.model import GPTModel, fit_rows
 from raygpt.shared_data import local_shards
 from raygpt.sampler import GlobalBatchSampler
-from raygpt.schedule import clip_gradients, should_clip, warmup_cosine_lr
+from raygpt.schedule import clip_gradients, gradient_norm, should_clip, warmup_cosine_lr
 from raygpt.tokenizer import EOT_ID, gpt2_encoding
 
-METRICS_FILE = "metrics.jsonl"
 
 
 # ----------------------------------------------------------------------------- planning (pure)
@@ -76,6 +75,7 @@ def plan_steps(train: TrainConfig, num_train_windows: int, num_workers: int, con
 def plan_for(cfg: Config, data_dir: str, manifest: dict[str, Any] | None = None) -> StepPlan:
     """The plan of a config over a prepared data folder (reads only the manifest, unless given)."""
     manifest = manifest or load_manifest(data_dir)
+    check_data_for_model(manifest, data_dir, cfg.model.vocabulary_size)
     stride = cfg.data.stride or cfg.model.context_len
     windows = num_windows(manifest["splits"]["train"]["tokens"], cfg.model.context_len, stride)
     if windows == 0:
@@ -116,9 +116,9 @@ def save_to_run_dir(run_dir: str, keep: int | None = None) -> Callable[[dict[str
 
     def report(metrics: dict[str, Any], folder: str | None, name: str | None) -> None:
         if folder is not None and name is not None:
-            ckpt.upload(folder, ckpt.join(run_dir, name))
+            storage.upload(folder, storage.join(run_dir, name))
             if keep is not None:
-                ckpt.prune_checkpoints(run_dir, keep)
+                runs.prune_checkpoints(run_dir, keep)
 
     return report
 
@@ -267,7 +267,7 @@ def _restore(rt: Runtime, cfg: Config) -> tuple[dict[str, Any], str] | None:
     """Every rank loads the checkpoint rank 0 found to be the newest valid one in the run folder."""
     if rt.run_dir is None:
         return None
-    candidates = recovery.checkpoint_candidates(rt.run_dir)
+    candidates = list(reversed(runs.list_checkpoints(rt.run_dir)))  # newest first
     if rt.world_size > 1 and dist.is_initialized():
         # One choice for all ranks: rank 0 validates, the others load what it chose.
         choice: list[Any] = [None]
@@ -279,8 +279,8 @@ def _restore(rt: Runtime, cfg: Config) -> tuple[dict[str, Any], str] | None:
             return None
         if rt.rank == 0:
             return found
-        with ckpt.temporary_dir() as tmp:
-            return ckpt.load_checkpoint(ckpt.download(choice[0], tmp)), choice[0]
+        with storage.temporary_dir() as tmp:
+            return ckpt.load_checkpoint(storage.download(choice[0], tmp)), choice[0]
     return recovery.load_newest_valid(candidates, rt.log)
 
 
@@ -293,7 +293,8 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
     # Shards on a storage URI are copied to this node's disk once, then memory-mapped (and the
     # manifest is read from that copy, not fetched again).
     data_dir = local_shards(data_dir, log=rt.log if rank0 else lambda line: None)
-    plan = plan_for(cfg, data_dir)
+    manifest = load_manifest(data_dir)
+    plan = plan_for(cfg, data_dir, manifest)
     b_local = t.batch_size // rt.world_size
 
     precision = fastpath.resolve_precision(t.precision, rt.device)
@@ -309,6 +310,7 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
     if restored is not None:
         loaded, uri = restored
         ckpt.check_same_shape(loaded["state"]["config"]["model"], m, uri)
+        ckpt.check_same_data(loaded["state"], manifest.get("fingerprint"), uri)
         model.load_state_dict(loaded["model"])
         optimizer.load_state_dict(loaded["optimizer"])
         _fit_optimizer_rows(optimizer)
@@ -317,7 +319,7 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
         if rank0:
             event = recovery.restart_event(rt.run_dir, rt.fit_id, state.step, uri)
             rt.log(recovery.describe(event))
-            log_rows = [r for r in read_log(rt.run_dir) if "event" in r or r["step"] <= state.step] + [event]
+            log_rows = [r for r in runs.read_log(rt.run_dir) if "event" in r or r["step"] <= state.step] + [event]
     model = rt.wrap_model(fastpath.maybe_compile(model, t.compile))
     progress = recovery.ProgressMarker(rt.run_dir, rt.fit_id) if rank0 and rt.run_dir else None
     stop = recovery.StopRequest()
@@ -359,7 +361,7 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
 
     def checkpoint_state(elapsed: float, val_loss: float | None) -> dict[str, Any]:
         return {**state.checkpoint_fields(t.batch_size), "elapsed": elapsed, "val_loss": val_loss,
-                "config": cfg.to_dict()}
+                "config": cfg.to_dict(), "data_fingerprint": manifest.get("fingerprint")}
 
     flops_per_token = perf.model_flops_per_token(m)
     peak = perf.device_peak(rt.device, precision, cfg.run.peak_tflops) if rank0 else None
@@ -382,6 +384,11 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
             "wall_time": time.time(),  # when: start-up time is the step-0 row's minus the launch
             "total_steps": plan.total_steps,
         }
+        # All-reduced, so every rank stops here together, before this state is sampled or saved.
+        for split in ("train", "val"):
+            if not math.isfinite(metrics[f"{split}_loss"]):
+                raise TrainingFailed(f"non-finite {split} loss ({metrics[f'{split}_loss']}) at step {state.step}: "
+                                     f"the weights overflowed and were not saved: lower optim.peak_lr")
         if progress:
             progress.flush()
         if rank0:
@@ -389,12 +396,12 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
             rt.log(progress_line(metrics) + f"\n  sample: {sample!r}")
             if rt.run_dir:
                 log_rows.append({**metrics, "sample": sample})
-                ckpt.write_text(ckpt.join(rt.run_dir, METRICS_FILE), "".join(json.dumps(r) + "\n" for r in log_rows))
+                runs.write_log(rt.run_dir, log_rows)
         with contextlib.ExitStack() as stack:
             folder = name = None
             if save and rank0:
                 folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="raygpt-ckpt-"))
-                name = recovery.unique_checkpoint_name(rt.run_dir, state.step)
+                name = runs.unique_checkpoint_name(rt.run_dir, state.step)
                 ckpt.save_checkpoint(folder, model, optimizer, checkpoint_state(metrics["elapsed"], metrics["val_loss"]))
             rt.report(metrics, folder, name)
         return metrics
@@ -402,12 +409,12 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
     def save_before_exit() -> None:
         """SIGTERM: this rank writes the checkpoint itself (DDP replicas hold the same model and
         optimizer state), straight into the run folder, then leaves; the restart resumes here."""
-        name = recovery.unique_checkpoint_name(rt.run_dir, state.step)
+        name = runs.unique_checkpoint_name(rt.run_dir, state.step)
         with tempfile.TemporaryDirectory(prefix="raygpt-ckpt-") as folder:
             ckpt.save_checkpoint(folder, model, optimizer,
                                  checkpoint_state(state.elapsed + time.perf_counter() - started, None))
             if rt.run_dir:
-                ckpt.upload(folder, ckpt.join(rt.run_dir, name))
+                storage.upload(folder, storage.join(rt.run_dir, name))
         rt.log(f"SIGTERM on rank {rt.rank}: saved {name} at step {state.step} before exiting")
         raise recovery.Preempted(f"rank {rt.rank} stopped by SIGTERM after saving {name}")
 
@@ -437,8 +444,14 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
                         with fastpath.autocast(rt.device, precision):
                             loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
                         (loss / t.grad_accum_steps).backward()
-                if should_clip(state.step, o.warmup_steps, o.clip_during_warmup):
-                    clip_gradients(model.parameters(), o.max_norm)
+                clip = should_clip(state.step, o.warmup_steps, o.clip_during_warmup)
+                grad_norm = clip_gradients(model.parameters(), o.max_norm) if clip else gradient_norm(model.parameters())
+                # The gradients are all-reduced, so every rank sees the same norm and stops together,
+                # before the step: the weights (and every checkpoint) stay as they were.
+                if not math.isfinite(grad_norm.item()):
+                    raise TrainingFailed(f"non-finite gradient norm ({grad_norm.item()}) at step {state.step + 1} "
+                                         f"(loss {loss.item():.4g} on rank {rt.rank}); nothing of this step was "
+                                         f"applied or saved: lower optim.peak_lr, or check the data")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
@@ -467,27 +480,6 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
         if progress:
             progress.close()
     return metrics
-
-
-# ----------------------------------------------------------------------------- the metrics log
-
-
-def read_log(run_dir: str | None) -> list[dict[str, Any]]:
-    """Every row of a run's metrics log: metrics, and events (rows with an "event" key)."""
-    uri = ckpt.join(run_dir, METRICS_FILE) if run_dir else None
-    if uri is None or not ckpt.exists(uri):
-        return []
-    return [json.loads(line) for line in ckpt.read_text(uri).splitlines() if line.strip()]
-
-
-def read_metrics(run_dir: str) -> list[dict[str, Any]]:
-    """The metric rows of a run's log, one per eval, in step order."""
-    return [r for r in read_log(run_dir) if "event" not in r]
-
-
-def read_events(run_dir: str) -> list[dict[str, Any]]:
-    """Restarts and resumes, as the run logged them."""
-    return [r for r in read_log(run_dir) if "event" in r]
 
 
 def progress_line(m: dict[str, Any]) -> str:

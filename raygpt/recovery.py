@@ -17,9 +17,8 @@ import time
 from typing import Any, Callable
 
 from raygpt import checkpoint as ckpt
+from raygpt import runs, storage
 from raygpt.errors import UserError
-
-PROGRESS_FILE = "progress.json"
 
 
 class InjectedFault(RuntimeError):
@@ -33,29 +32,15 @@ class Preempted(RuntimeError):
 # ----------------------------------------------------------------------------- restore
 
 
-def checkpoint_candidates(run_dir: str) -> list[str]:
-    """The run's checkpoint folders, newest first (names sort by step, then a -N suffix)."""
-    return list(reversed(ckpt.list_checkpoints(run_dir)))
-
-
-def unique_checkpoint_name(run_dir: str | None, step: int) -> str:
-    """checkpoint_<step>, or checkpoint_<step>-N when a run re-trains a step whose (damaged)
-    folder is still there: a checkpoint folder is never written twice."""
-    name = ckpt.checkpoint_name(step)
-    n = 0
-    while run_dir and ckpt.exists(ckpt.join(run_dir, name if n == 0 else f"{name}-{n}")):
-        n += 1
-    return name if n == 0 else f"{name}-{n}"
-
-
-def load_newest_valid(candidates: list[str], warn: Callable[[str], None]) -> tuple[dict[str, Any], str] | None:
+def load_newest_valid(candidates: list[str], warn: Callable[[str], None],
+                      with_optimizer: bool = True) -> tuple[dict[str, Any], str] | None:
     """Load the first candidate that loads; a damaged or partial one is skipped with a warning.
     None when there are no candidates; an error when every one is damaged (never silently
     start over)."""
     for uri in candidates:
         try:
-            with ckpt.temporary_dir() as tmp:
-                return ckpt.load_checkpoint(ckpt.download(uri, tmp)), uri
+            with storage.temporary_dir() as tmp:
+                return ckpt.load_checkpoint(storage.download(uri, tmp), with_optimizer), uri
         except UserError as exc:
             warn(f"warning: skipping checkpoint {uri}: {exc}")
     if candidates:
@@ -75,7 +60,7 @@ class ProgressMarker:
     between reports may leave it up to a second behind)."""
 
     def __init__(self, run_dir: str, fit_id: str, interval_s: float = 1.0):
-        self.uri = ckpt.join(run_dir, PROGRESS_FILE)
+        self.uri = storage.join(run_dir, runs.PROGRESS_FILE)
         self.fit_id, self.interval_s = fit_id, interval_s
         self.step, self._written = -1, -1
         self._stop = threading.Event()
@@ -86,7 +71,7 @@ class ProgressMarker:
     def _write(self) -> None:
         step = self.step
         if step != self._written:
-            ckpt.write_text(self.uri, json.dumps({"fit_id": self.fit_id, "step": step}))
+            storage.write_text(self.uri, json.dumps({"fit_id": self.fit_id, "step": step}))
             self._written = step
 
     def _run(self) -> None:
@@ -110,8 +95,8 @@ def restart_event(run_dir: str | None, fit_id: str, restored_step: int, checkpoi
     """What the metrics log and the progress output say about a restore: a `restart` (Ray
     restarted the workers within this fit) or a `resume` (a new fit of an existing run)."""
     progress: dict[str, Any] = {}
-    if run_dir and ckpt.exists(ckpt.join(run_dir, PROGRESS_FILE)):
-        progress = json.loads(ckpt.read_text(ckpt.join(run_dir, PROGRESS_FILE)))
+    if run_dir and storage.exists(storage.join(run_dir, runs.PROGRESS_FILE)):
+        progress = json.loads(storage.read_text(storage.join(run_dir, runs.PROGRESS_FILE)))
     reached = max(int(progress.get("step", restored_step)), restored_step)
     return {
         "event": "restart" if progress.get("fit_id") == fit_id else "resume",
@@ -175,10 +160,10 @@ def maybe_inject_fault(fault: Any, step: int, rank: int, run_dir: str | None, lo
     """Fail as configured, once: a marker in the run folder stops the restarted run repeating it."""
     if fault.crash_at_step != step or fault.rank != rank or run_dir is None:
         return
-    marker = ckpt.join(run_dir, f"fault-{fault.kind}-step{step}-rank{rank}.fired")
-    if ckpt.exists(marker):
+    marker = storage.join(run_dir, f"fault-{fault.kind}-step{step}-rank{rank}.fired")
+    if storage.exists(marker):
         return
-    ckpt.write_text(marker, time.strftime("%Y-%m-%dT%H:%M:%S%z\n"))
+    storage.write_text(marker, time.strftime("%Y-%m-%dT%H:%M:%S%z\n"))
     log(f"fault injection: {fault.kind} on rank {rank} after step {step}")
     if fault.kind == "raise":
         raise InjectedFault(f"injected fault after step {step} on rank {rank}")

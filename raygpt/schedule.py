@@ -31,3 +31,8 @@ def should_clip(step: int, warmup_steps: int, clip_during_warmup: bool = False) 
 def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """Scale gradients so their global 2-norm is at most `max_norm`; return the norm before."""
     return torch.nn.utils.clip_grad_norm_(parameters, max_norm=max_norm)
+
+
+def gradient_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    """The gradients' global 2-norm, without scaling them (the steps that are not clipped)."""
+    return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])

@@ -24,7 +24,8 @@ from typing import Any
 
 import yaml
 
-from raygpt.config import SECTIONS, Config, apply_overrides, coerce, config_from_dict
+from raygpt.config import (SECTIONS, Config, apply_overrides, coerce, config_from_dict, is_plain_name,
+                           read_yaml_file)
 from raygpt.data import load_manifest
 from raygpt.errors import UserError
 from raygpt.loop import plan_for
@@ -149,6 +150,8 @@ def _check_spec(key: str, spec: Any) -> None:
 def _check_settings(s: TuneSettings) -> None:
     if s.search_alg not in SEARCH_ALGS:
         raise UserError(f"tune.search_alg must be one of {', '.join(SEARCH_ALGS)}, got {s.search_alg!r}")
+    if s.name is not None and not is_plain_name(s.name):
+        raise UserError(f"tune.name must be a plain folder name (letters, digits, '.', '_', '-'), got {s.name!r}")
     if s.scheduler not in SCHEDULERS:
         raise UserError(f"tune.scheduler must be one of {', '.join(SCHEDULERS)}, got {s.scheduler!r}")
     if s.metric not in REPORTED:
@@ -180,11 +183,7 @@ def _check_sampling(search: Search) -> None:
 def load_search(path: str, overrides: list[str] = ()) -> Search:
     if not os.path.isfile(path):
         raise UserError(f"search file not found: {path}")
-    try:
-        raw = yaml.safe_load(open(path).read())
-    except yaml.YAMLError as exc:
-        raise UserError(f"search file {path} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    return parse_search(raw, list(overrides))
+    return parse_search(read_yaml_file(path, "search file"), list(overrides))
 
 
 def search_base(search_file: dict[str, Any]) -> dict[str, Any]:

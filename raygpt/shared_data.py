@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import pyarrow.fs as pafs
 
-from raygpt import checkpoint as storage
+from raygpt import storage
 from raygpt import data
 from raygpt.errors import UserError
 
@@ -33,39 +33,20 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or "~/.cache/raygpt/data").expanduser()
 
 
-def shard_entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    return [s for split in data.SPLITS for s in manifest["splits"][split]["shards"]]
-
-
-def shard_problem(folder: Path, manifest: dict[str, Any], full: bool = True) -> str | None:
-    """What is wrong with the shards in `folder` against the manifest, or None. `full` checks
-    content hashes; otherwise only sizes (cheap enough for every start)."""
-    for entry in shard_entries(manifest):
-        path = folder / entry["file"]
-        if not path.is_file():
-            return f"{entry['file']} is missing"
-        if "bytes" in entry and path.stat().st_size != entry["bytes"]:
-            return f"{entry['file']} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
-        if full and "sha256" in entry and data.file_sha256(path) != entry["sha256"]:
-            return f"{entry['file']} differs from the manifest's sha256"
-        if full and "sha256" not in entry and len(data.read_shard(path)) != entry["tokens"]:
-            return f"{entry['file']} does not hold the manifest's {entry['tokens']} tokens"
-    return None
-
-
 def local_shards(folder: str, log: Callable[[str], None] = print) -> str:
     """A local folder holding `folder`'s shards, copied to this node's cache when it is a URI."""
     if not storage.is_uri(folder):
         return folder
     manifest_text = storage.read_text(storage.join(folder, data.MANIFEST))
     manifest = json.loads(manifest_text)
+    data.check_manifest_layout(manifest, folder)  # shard names are plain names: copies stay in the cache
     key = hashlib.sha256(folder.rstrip("/").encode()).hexdigest()[:12]
     target = cache_root() / f"{key}-{manifest['fingerprint'][:12]}"
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{target}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one copy per node; the other workers wait, then reuse it
         cached = target / data.MANIFEST
-        if cached.is_file() and cached.read_text() == manifest_text and shard_problem(target, manifest, full=False) is None:
+        if cached.is_file() and cached.read_text() == manifest_text and data.shard_problem(target, manifest, full=False) is None:
             return str(target)
         start = time.perf_counter()
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
@@ -73,10 +54,10 @@ def local_shards(folder: str, log: Callable[[str], None] = print) -> str:
         tmp.mkdir()
         try:
             fs, path = storage.filesystem(folder)
-            for entry in shard_entries(manifest):
+            for entry in data.shard_entries(manifest):
                 pafs.copy_files(f"{path.rstrip('/')}/{entry['file']}", str(tmp / entry["file"]),
                                 source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-            problem = shard_problem(tmp, manifest)
+            problem = data.shard_problem(tmp, manifest)
             if problem:
                 raise UserError(f"the shards at {folder} do not match their manifest: {problem}; run `raygpt prepare` again")
             (tmp / data.MANIFEST).write_text(manifest_text)
@@ -88,8 +69,8 @@ def local_shards(folder: str, log: Callable[[str], None] = print) -> str:
         for old in target.parent.glob(f"{key}-*"):
             if old.is_dir() and old != target and ".tmp-" not in old.name:
                 shutil.rmtree(old, ignore_errors=True)
-        size = sum(e.get("bytes", 0) for e in shard_entries(manifest))
-        log(f"copied {len(shard_entries(manifest))} shards ({size / 2**20:.1f} MiB) from {folder} "
+        size = sum(e.get("bytes", 0) for e in data.shard_entries(manifest))
+        log(f"copied {len(data.shard_entries(manifest))} shards ({size / 2**20:.1f} MiB) from {folder} "
             f"to {target} in {time.perf_counter() - start:.1f} s")
     return str(target)
 
@@ -102,27 +83,39 @@ def prepare_to(out: str, log: Callable[[str], None] = print, **options: Any) -> 
     fs, path = storage.filesystem(out)
     path = path.rstrip("/")
     remote = {i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))}
-    foreign = sorted(n for n in remote if n != data.MANIFEST and not n.endswith(".arrow"))
-    if foreign:
-        raise UserError(f"output {out} holds files raygpt did not write ({', '.join(foreign[:3])}); choose another --out")
+    old = storage.read_text(storage.join(out, data.MANIFEST)) if data.MANIFEST in remote else None
+    own: set[str] = set()
+    if old is not None:
+        try:
+            old_manifest = json.loads(old)
+        except ValueError:
+            raise UserError(f"{out}/{data.MANIFEST} is not a raygpt manifest (not JSON)") from None
+        data.check_manifest_layout(old_manifest, out)
+        own = {data.MANIFEST} | {e["file"] for e in data.shard_entries(old_manifest)}
+    foreign = sorted(remote - own)
+    if foreign and not options.get("force"):
+        raise UserError(f"output {out} holds files raygpt did not write ({', '.join(foreign[:3])}); "
+                        f"choose another --out, or pass --force to write raygpt's files beside them")
     with storage.temporary_dir() as tmp:
         local = Path(tmp) / "data"
         local.mkdir()
-        old = None
-        if data.MANIFEST in remote:
-            old = storage.read_text(storage.join(out, data.MANIFEST))
+        if old is not None:
             (local / data.MANIFEST).write_text(old)  # lets prepare see an up-to-date output
         manifest = data.prepare(out=local, log=lambda line: log(line.replace(str(local), out)), **options)
         if old is not None and json.loads(old) == manifest:
             return manifest
-        if data.MANIFEST in remote:
+        names = {e["file"] for e in data.shard_entries(manifest)}
+        clash = sorted(n for n in names & set(foreign))
+        if clash:
+            raise UserError(f"output {out} holds files named like raygpt's shards ({', '.join(clash[:3])}); "
+                            f"choose another --out")
+        if old is not None:
             fs.delete_file(f"{path}/{data.MANIFEST}")  # until the new shards are all there
-        names = {e["file"] for e in shard_entries(manifest)}
         fs.create_dir(path, recursive=True)
         for name in sorted(names):
             pafs.copy_files(str(local / name), f"{path}/{name}", source_filesystem=pafs.LocalFileSystem(),
                             destination_filesystem=fs)
-        for stale in remote - names - {data.MANIFEST}:
+        for stale in own - names - {data.MANIFEST}:  # only files the old manifest listed
             fs.delete_file(f"{path}/{stale}")
         storage.write_text(storage.join(out, data.MANIFEST), (local / data.MANIFEST).read_text())
         log(f"uploaded {len(names)} shards and {data.MANIFEST} to {out}")

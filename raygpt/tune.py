@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from raygpt import checkpoint as ckpt
+from raygpt import storage
 from raygpt.config import Config
 from raygpt.errors import UserError
 from raygpt.search import SEARCH_FILE, Search, Trial, TuneSettings, check_trial, describe, expand, search_base, \
@@ -47,7 +47,7 @@ def runs_in_trial(cfg: Config, settings: TuneSettings) -> bool:
 
 def trial_reservation(cfg: Config, settings: TuneSettings) -> dict[str, float]:
     """What Tune reserves for one trial."""
-    from raygpt.train import worker_resources
+    from raygpt.cluster import worker_resources
 
     return worker_resources(cfg) if runs_in_trial(cfg, settings) else dict(DRIVER_RESOURCES)
 
@@ -55,7 +55,7 @@ def trial_reservation(cfg: Config, settings: TuneSettings) -> dict[str, float]:
 def trial_footprint(cfg: Config, settings: TuneSettings) -> dict[str, float]:
     """Everything one trial holds while it trains: its reservation plus, for a multi-worker
     trial, the workers its Train controller asks for on its own."""
-    from raygpt.train import worker_resources
+    from raygpt.cluster import worker_resources
 
     if runs_in_trial(cfg, settings):
         return worker_resources(cfg)
@@ -74,7 +74,7 @@ def _shape(resources: dict[str, float], keys=None) -> str:
 def concurrency(cfg: Config, settings: TuneSettings, num_trials: int) -> tuple[int | None, str]:
     """The number of trials to run at once and why: the setting, never more than the cluster fits
     (the whole cluster an autoscaler may grow to). A trial that can never fit is refused."""
-    from raygpt.train import cluster_capacity
+    from raygpt.cluster import cluster_capacity
 
     asked = settings.max_concurrent_trials or None
     footprint = trial_footprint(cfg, settings)
@@ -129,6 +129,14 @@ def trial_save_steps(trial: Trial, settings: TuneSettings, max_t: float) -> tupl
     return rung_save_steps(trial, settings, max_t)
 
 
+def hyperband_smallest_bracket(max_t: int, reduction_factor: float) -> int:
+    """Trials in the first bracket Ray's HyperBandScheduler halves (its bracket s=1; s=0 runs every
+    trial to max_t). Halving waits for the bracket's trials to reach its milestone, and Tune creates
+    only max_concurrent_trials at a time, so with fewer running at once nothing is ever stopped."""
+    s_max_1 = int(round(math.log(max_t) / math.log(reduction_factor))) + 1
+    return math.ceil(s_max_1 / 2 * reduction_factor)
+
+
 def default_max_t(trials: list[Trial], settings: TuneSettings) -> int:
     return settings.max_t or max(t.total_steps if settings.time_attr == "step" else t.total_tokens for t in trials)
 
@@ -141,19 +149,20 @@ def tune_trial(params: dict[str, Any]) -> None:
     experiment folder (so a retried or restored trial resumes its own run)."""
     import ray.tune
 
-    from raygpt.train import CONFIG_FILE, RunPaths
+    from raygpt.runs import CONFIG_FILE
+    from raygpt.train import RunPaths
 
     experiment_dir = params["experiment_dir"]
-    saved = yaml.safe_load(ckpt.read_text(ckpt.join(experiment_dir, SEARCH_FILE)))
+    saved = yaml.safe_load(storage.read_text(storage.join(experiment_dir, SEARCH_FILE)))
     settings = settings_from_dict(saved["tune"])
     trial = check_trial(search_base(saved), params["hp"])
     cfg = trial.config
     run = RunPaths(experiment_dir, f"train-{ray.tune.get_context().get_trial_id()}")
     cfg.run.name = run.name
-    if not ckpt.exists(ckpt.join(run.uri, CONFIG_FILE)):
-        ckpt.write_text(ckpt.join(run.uri, CONFIG_FILE), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if not storage.exists(storage.join(run.uri, CONFIG_FILE)):
+        storage.write_text(storage.join(run.uri, CONFIG_FILE), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     save_steps = trial_save_steps(trial, settings, saved["launch"]["max_t"])
-    data_dir = ckpt.resolve_storage(cfg.data.dir)
+    data_dir = storage.resolve_storage(cfg.data.dir)
     if runs_in_trial(cfg, settings):
         _train_in_trial(cfg, run.uri, data_dir, save_steps)
     else:
@@ -215,7 +224,7 @@ def run_search(search: Search, *, address: str | None = None, log=print) -> str:
     import ray.tune
     from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
 
-    from raygpt.train import check_paths_on_nodes, check_resources, start_ray
+    from raygpt.cluster import check_paths_on_nodes, check_resources, start_ray
 
     s = search.settings
     searcher = None
@@ -234,16 +243,20 @@ def run_search(search: Search, *, address: str | None = None, log=print) -> str:
         if not trials:
             raise UserError("every configuration of the search is rejected; nothing to launch")
     first = trials[0].config
-    storage = ckpt.resolve_storage(first.run.storage_path)
+    storage_root = storage.resolve_storage(first.run.storage_path)
     name = _experiment_name(s)
-    experiment_dir = ckpt.join(storage, name)
-    if ckpt.exists(experiment_dir):
-        raise UserError(f"experiment {name} already exists in {storage}; use `raygpt tune --resume {experiment_dir}`")
+    experiment_dir = storage.join(storage_root, name)
+    if storage.exists(experiment_dir):
+        raise UserError(f"experiment {name} already exists in {storage_root}; use `raygpt tune --resume {experiment_dir}`")
     start_ray(address)
     check_resources(first, log)
     num_trials = s.num_samples if searcher else len(trials)
     cap, why = concurrency(first, s, num_trials)
     max_t = default_max_t(trials, s)
+    if s.scheduler == "hyperband" and s.early_stopping and cap < hyperband_smallest_bracket(max_t, s.reduction_factor):
+        log(f"warning: tune.scheduler hyperband halves a bracket of {hyperband_smallest_bracket(max_t, s.reduction_factor)} "
+            f"trials at the least, but only {cap} run at once and Tune creates trials as slots free: it will stop "
+            f"nothing early (measured); use tune.scheduler asha, or more concurrency")
     if not searcher:
         log(f"launch order (seed {s.seed}{'' if s.shuffle else ', as listed'}):")
         for i, trial in enumerate(trials):
@@ -251,11 +264,11 @@ def run_search(search: Search, *, address: str | None = None, log=print) -> str:
     # The saved search is what trials (and a resumed search) build their configs from; the data
     # folder is made absolute because every trial runs in a folder of its own.
     base = copy.deepcopy(search.base)
-    base.setdefault("data", {})["dir"] = ckpt.resolve_storage(first.data.dir)
+    base.setdefault("data", {})["dir"] = storage.resolve_storage(first.data.dir)
     launch = {"max_t": max_t, "max_concurrent_trials": cap, "concurrency": why, "trials": num_trials,
               "order": None if searcher else [t.overrides for t in trials],
               "total_steps": None if searcher else [t.total_steps for t in trials]}
-    ckpt.write_text(ckpt.join(experiment_dir, SEARCH_FILE), yaml.safe_dump(
+    storage.write_text(storage.join(experiment_dir, SEARCH_FILE), yaml.safe_dump(
         {**base, "search": search.space, "tune": {**vars(s), "name": name}, "launch": launch}, sort_keys=False))
     check_paths_on_nodes({"data.dir": base["data"]["dir"], "experiment folder": experiment_dir})
     # Only the searched values go into Tune's config: its status table shows them as they are.
@@ -266,7 +279,7 @@ def run_search(search: Search, *, address: str | None = None, log=print) -> str:
         tune_config=TuneConfig(metric=s.metric, mode=s.mode, scheduler=_scheduler(s, max_t),
                                search_alg=searcher, num_samples=num_trials if searcher else 1,
                                max_concurrent_trials=cap),
-        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=s.max_failures)),
+        run_config=RunConfig(name=name, storage_path=storage_root, failure_config=FailureConfig(max_failures=s.max_failures)),
     )
     runner = "in the trial" if runs_in_trial(first, s) else "a TorchTrainer each"
     log(f"experiment {name}: {num_trials} trials x {first.run.num_workers} workers ({runner}); {why}")
@@ -281,12 +294,12 @@ def resume_search(experiment_dir: str, *, address: str | None = None, log=print)
     checkpoints, errored ones are retried."""
     from ray.tune import Tuner
 
-    from raygpt.train import start_ray
+    from raygpt.cluster import start_ray
 
-    experiment_dir = ckpt.resolve_storage(experiment_dir).rstrip("/")
-    if not ckpt.exists(ckpt.join(experiment_dir, SEARCH_FILE)) or not Tuner.can_restore(experiment_dir):
+    experiment_dir = storage.resolve_storage(experiment_dir).rstrip("/")
+    if not storage.exists(storage.join(experiment_dir, SEARCH_FILE)) or not Tuner.can_restore(experiment_dir):
         raise UserError(f"no raygpt experiment to resume in {experiment_dir}")
-    saved = yaml.safe_load(ckpt.read_text(ckpt.join(experiment_dir, SEARCH_FILE)))
+    saved = yaml.safe_load(storage.read_text(storage.join(experiment_dir, SEARCH_FILE)))
     settings = settings_from_dict(saved["tune"])
     first = trial_config(search_base(saved), {})
     start_ray(address)

@@ -66,7 +66,10 @@ class RayHead:
         self.proc = subprocess.Popen(
             [BIN / "ray", "start", "--head", "--block", f"--port={self.port}", "--node-ip-address=127.0.0.1",
              f"--num-cpus={num_cpus}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}", *args],
+             f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}",
+             # Its own agent port: another Ray on the machine (a bench, a user's) holds the default
+             # 52365, and a head whose agent cannot bind it answers every job submission with 500.
+             f"--dashboard-agent-listen-port={_free_port()}", *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
         )
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from raygpt.loop import read_metrics
+from raygpt.runs import read_metrics
 
 from conftest import RayHead, stop_session_ray
 from helpers import make_corpus, tiny_overrides

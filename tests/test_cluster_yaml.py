@@ -178,6 +178,36 @@ def test_every_node_has_an_instance_profile_for_the_bucket(cluster):
         assert profile.get("Arn") or profile.get("Name"), f"{name}: no IamInstanceProfile, no S3 access"
 
 
+def test_every_node_uses_our_security_group_not_rays_open_ssh_default(cluster):
+    """Ray creates its default group (SSH from 0.0.0.0/0) for any node type without SecurityGroupIds."""
+    for name, t in cluster["available_node_types"].items():
+        assert t["node_config"].get("SecurityGroupIds"), f"{name}: Ray's default group would open SSH to the world"
+    doc = (ROOT / "docs" / "cluster-aws.md").read_text()
+    assert "FromPort=22,ToPort=22,IpRanges=[{CidrIp=$MY_CIDR}]" in doc and "0.0.0.0/0" not in doc
+
+
+def _doc_policy(name: str) -> dict:
+    import json
+    import re
+
+    doc = (ROOT / "docs" / "cluster-aws.md").read_text()
+    block = re.search(rf"`{name}-policy.json`:\s*```json\n(.*?)```", doc, re.S)
+    return json.loads(block.group(1))
+
+
+def test_the_instance_profiles_are_least_privilege():
+    head, worker = _doc_policy("raygpt-head"), _doc_policy("raygpt-worker")
+    actions = {a for st in head["Statement"] for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}
+    assert actions == {"s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "ec2:RunInstances",
+                       "ec2:DescribeInstances", "ec2:DescribeInstanceTypes", "ec2:DescribeImages", "ec2:CreateTags",
+                       "ec2:TerminateInstances", "iam:PassRole"}
+    by_action = {a: st for st in head["Statement"] for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}
+    assert by_action["ec2:TerminateInstances"]["Condition"]["StringEquals"] == {"ec2:ResourceTag/ray-cluster-name": "raygpt"}
+    assert by_action["iam:PassRole"]["Resource"].endswith(":role/raygpt-worker")
+    assert all(not a.startswith("ec2") for st in worker["Statement"] for a in
+               ([st["Action"]] if isinstance(st["Action"], str) else st["Action"]))
+
+
 # --- shared storage and the cluster jobs -------------------------------------------------------
 
 

@@ -139,3 +139,30 @@ def test_newer_schema_is_refused(tmp_path):
     path.write_text(f"schema_version: {SCHEMA_VERSION + 1}\n")
     with pytest.raises(UserError, match="schema_version"):
         load_config(path)
+
+
+@pytest.mark.parametrize("override", ["optim.min_lr=.nan", "optim.peak_lr=.inf", "optim.eps=.nan",
+                                      "run.cpus_per_worker=.nan", "model.dropout=-.inf", "optim.peak_lr=nan"])
+def test_nan_and_inf_are_refused_in_one_line(override):
+    """NaN passes every range check (comparisons with it are false); inf breaks the schedule."""
+    key = override.split("=")[0]
+    with pytest.raises(UserError, match=rf"^{key}: expected a finite number, got"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", ".", "/abs", ""])
+def test_a_run_name_is_one_folder_inside_the_storage(name):
+    with pytest.raises(UserError, match="run.name must be a plain folder name"):
+        load_config(None, [f"run.name={name}"])
+
+
+def test_a_key_given_twice_is_refused_naming_it_and_the_line(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  batch_size: 8\n  seed: 1\n  batch_size: 16\n")
+    with pytest.raises(UserError, match=r"\(line 4\): key 'batch_size' is given twice"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
+    (tmp_path / "c.yaml").write_bytes(b"train:\n  seed: \xff\n")
+    with pytest.raises(UserError, match=r"c.yaml is not UTF-8 text \(byte 0xff at offset 15\)"):
+        load_config(tmp_path / "c.yaml")

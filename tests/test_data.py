@@ -106,6 +106,22 @@ def test_missing_manifest_says_to_run_prepare(tmp_path):
         WindowDataset(tmp_path, "train", 8)
 
 
+@pytest.mark.parametrize("text, message", [
+    ("not json", "is not a raygpt manifest \\(not JSON"),
+    ("[1, 2]", "expected a mapping with 'splits'"),
+    ('{"splits": {"train": {"shards": []}}}', "splits.val.shards must be a list"),
+    ('{"splits": {"train": {"shards": [{"file": "../../escape/payload.arrow"}]}, "val": {"shards": []}}}',
+     "shard file '../../escape/payload.arrow' in splits.train must be a plain file name"),
+    ('{"splits": {"train": {"shards": [{"file": "/etc/passwd"}]}, "val": {"shards": []}}}', "must be a plain file name"),
+    ('{"splits": {"train": {"shards": []}, "val": {"shards": [{"file": ".."}]}}}', "must be a plain file name"),
+])
+def test_a_bad_manifest_is_one_line_and_no_shard_path_leaves_the_folder(tmp_path, text, message):
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(UserError, match=message) as info:
+        WindowDataset(tmp_path, "train", 8)
+    assert "\n" not in str(info.value)
+
+
 # ----------------------------------------------------------------------------- prepare round trips
 
 
@@ -225,6 +241,74 @@ def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
 
 
+def test_a_rebuild_never_deletes_what_raygpt_did_not_write(tmp_path):
+    (tmp_path / "a.txt").write_text(DOCS[0] * 5)
+    (tmp_path / "b.txt").write_text(DOCS[1] * 5)
+    out = tmp_path / "d"
+    prepare([str(tmp_path / "a.txt")], out, **quiet())
+    (out / "NOTES.md").write_text("mine")
+    (out / "sub").mkdir()
+    (out / "sub" / "x.txt").write_text("mine too")
+    with pytest.raises(UserError, match=r"holds files raygpt did not write \(NOTES.md, sub/\).*--force"):
+        prepare([str(tmp_path / "b.txt")], out, **quiet())
+    assert decoded_documents(out)["train"] == [DOCS[0] * 5]  # untouched
+    prepare([str(tmp_path / "b.txt")], out, **quiet(force=True))  # only raygpt's files replaced
+    assert decoded_documents(out)["train"] == [DOCS[1] * 5]
+    assert (out / "NOTES.md").read_text() == "mine" and (out / "sub" / "x.txt").read_text() == "mine too"
+    own = {"manifest.json"} | {s["file"] for sp in ("train", "val") for s in data.load_manifest(out)["splits"][sp]["shards"]}
+    assert set(os.listdir(out)) == own | {"NOTES.md", "sub"}
+
+
+def test_force_into_a_folder_of_other_files_writes_beside_them(tmp_path):
+    (tmp_path / "a.txt").write_text(DOCS[0] * 5)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    prepare([str(tmp_path / "a.txt")], tmp_path / "mine", **quiet(force=True))
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+    assert decoded_documents(tmp_path / "mine")["train"] == [DOCS[0] * 5]
+
+
+def test_a_symlinked_out_stays_a_link_to_the_rebuilt_folder(tmp_path):
+    (tmp_path / "a.txt").write_text(DOCS[0] * 5)
+    prepare([str(tmp_path / "a.txt")], tmp_path / "real", **quiet())
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "a.txt").write_text(DOCS[2] * 5)
+    prepare([str(tmp_path / "a.txt")], tmp_path / "link", **quiet())
+    assert (tmp_path / "link").is_symlink() and decoded_documents(tmp_path / "real")["train"] == [DOCS[2] * 5]
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True).stdout)
+
+
+def test_a_killed_prepares_temporary_folder_is_removed_by_the_next(tmp_path):
+    from raygpt import storage
+
+    (tmp_path / "a.txt").write_text(DOCS[0] * 5)
+    prefix = storage.temp_prefix("d").replace(str(os.getpid()), str(_dead_pid()))
+    abandoned = tmp_path / f"{prefix}x1"
+    abandoned.mkdir()
+    (abandoned / "train-00000.arrow").write_bytes(b"half a shard")
+    prepare([str(tmp_path / "a.txt")], tmp_path / "d", **quiet())
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "d"]
+
+
+def test_a_rebuild_killed_between_its_renames_gets_the_old_folder_back(tmp_path):
+    import socket
+
+    (tmp_path / "a.txt").write_text(DOCS[0] * 5)
+    prepare([str(tmp_path / "a.txt")], tmp_path / "d", **quiet())
+    (tmp_path / "d").rename(tmp_path / f".d.old-{socket.gethostname()}-{_dead_pid()}")
+    lines = []
+    prepare([str(tmp_path / "a.txt")], tmp_path / "d", context_len=8, log=lines.append, progress=False)
+    assert "restored" in lines[0] and "up to date" in lines[1]
+    assert decoded_documents(tmp_path / "d")["train"] == [DOCS[0] * 5]
+
+
 # ----------------------------------------------------------------------------- bad input, via the CLI
 
 
@@ -310,3 +394,27 @@ def test_cli_prepare_with_config_uses_its_data_dir(run_cli, tmp_path):
     code, out, err = run_cli("prepare", str(tmp_path / "a.txt"), "--config", str(cfg), "--val-fraction", "0")
     assert code == 0, err
     assert (tmp_path / "from-config" / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("option, value, said", [
+    ("--shard-tokens", "0", "--shard-tokens must be > 0, got 0"),
+    ("--context-len", "0", "--context-len must be > 0, got 0"),
+    ("--threads", "-1", "--threads must be >= 1, got -1"),
+])
+def test_cli_zero_or_negative_sizes_are_refused_not_replaced(run_cli, tmp_path, option, value, said):
+    (tmp_path / "a.txt").write_text(DOCS[0] * 5)
+    err = _one_line_error(run_cli, "prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "d"), option, value)
+    assert said in err
+
+
+def test_cli_parquet_text_column_of_numbers(run_cli, tmp_path):
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "ints.parquet")
+    err = _one_line_error(run_cli, "prepare", str(tmp_path / "ints.parquet"), "--out", str(tmp_path / "d"))
+    assert "parquet column 'text' holds int64, expected strings" in err
+
+
+def test_cli_out_that_cannot_be_written(run_cli, tmp_path):
+    (tmp_path / "a.txt").write_text(DOCS[0] * 5)
+    (tmp_path / "file").write_text("not a folder")
+    err = _one_line_error(run_cli, "prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "file" / "d"))
+    assert f"cannot write --out {tmp_path / 'file' / 'd'}" in err

@@ -1,12 +1,15 @@
 """The speed options: each trains like the plain path (bf16 within a looser tolerance), and
 checkpoints move between compiled / plain and padded / unpadded models."""
 
+import json
+
 import pytest
 import torch
 
 from raygpt import checkpoint as ckpt
 from raygpt import fastpath
-from raygpt.loop import read_events, read_metrics, run_without_ray
+from raygpt.loop import run_without_ray
+from raygpt.runs import read_events, read_metrics
 from raygpt.model import GPTModel
 
 from helpers import make_corpus, tiny_config
@@ -68,7 +71,7 @@ def test_a_compiled_models_state_dict_loads_into_a_plain_one_and_back(tmp_path):
     assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())  # what a hand-saved one holds
     torch.save(compiled.state_dict(), tmp_path / "model.pt")
     torch.save({}, tmp_path / "optimizer.pt")
-    (tmp_path / "state.json").write_text("{}")
+    (tmp_path / "state.json").write_text(json.dumps({"config": {"model": {}}}))
     plain.load_state_dict(ckpt.load_checkpoint(tmp_path)["model"])  # prefixes stripped on load
     compiled._orig_mod.load_state_dict(ckpt.unwrapped_state_dict(plain))
     for a, b in zip(plain.parameters(), compiled.parameters()):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raygpt.loop import read_metrics
+from raygpt.runs import read_metrics
 
 from helpers import make_corpus, tiny_overrides
 

@@ -13,9 +13,9 @@ from raygpt.config import TrainConfig, load_config
 from raygpt.data import WindowDataset
 from raygpt.errors import UserError
 from raygpt.generate import load_model
-from raygpt.loop import (build_optimizer, plan_steps, read_events, read_metrics, run_without_ray, spread_windows,
-                         step_seed)
+from raygpt.loop import build_optimizer, plan_steps, run_without_ray, spread_windows, step_seed
 from raygpt.model import GPTModel
+from raygpt.runs import read_events, read_metrics
 
 from helpers import make_corpus, make_prose_corpus, tiny_config, tiny_overrides
 
@@ -250,3 +250,23 @@ def test_spread_eval_is_the_same_on_one_and_two_workers(prose_dir, tmp_path):
         assert a["final_eval"] == b["final_eval"]
         for key in ("val_loss", "train_loss"):
             assert abs(a[key] - b[key]) <= 1e-6 * abs(a[key]), (key, a["step"], a[key], b[key])
+
+
+# ----------------------------------------------------------------------------- a loss that blows up
+
+
+def test_a_non_finite_gradient_stops_the_run_before_the_step_and_saves_nothing_bad(data_dir, tmp_path):
+    """Step 0 at lr 1e-4 is saved; from step 1 the warmup towards 1e10 overflows the model; the run stops at the first
+    non-finite gradient norm or eval loss, naming the step, and no checkpoint holds that state."""
+    from raygpt.errors import TrainingFailed
+
+    cfg = tiny_config(data_dir, tmp_path, "optim.peak_lr=1e10", "optim.warmup_steps=10", "train.save_freq=1",
+                      "optim.initial_lr=1e-4", "optim.min_lr=1e10")
+    with pytest.raises(TrainingFailed, match=r"non-finite (gradient norm|train loss|val loss) \(\w+\) at step \d+"):
+        run(cfg, data_dir, tmp_path / "run")
+    saved = sorted((tmp_path / "run").glob("checkpoint_*"))
+    assert saved, "the steps before the bad one were saved"
+    for folder in saved:
+        model, _ = load_model(str(folder))
+        with torch.no_grad():
+            assert torch.isfinite(model(torch.randint(0, 1000, (2, 16)))).all(), folder.name

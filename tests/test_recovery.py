@@ -7,9 +7,10 @@ import signal
 import pytest
 import torch
 
-from raygpt import recovery
+from raygpt import recovery, runs
 from raygpt.errors import UserError
-from raygpt.loop import read_events, read_metrics, run_without_ray
+from raygpt.loop import run_without_ray
+from raygpt.runs import read_events, read_metrics
 
 from helpers import make_corpus, tiny_config
 
@@ -47,14 +48,6 @@ def assert_same_run(ref_dir, run_dir, ckpt_name="checkpoint_0000012"):
 # ----------------------------------------------------------------------------- pure parts
 
 
-def test_unique_checkpoint_name(tmp_path):
-    assert recovery.unique_checkpoint_name(str(tmp_path), 12) == "checkpoint_0000012"
-    (tmp_path / "checkpoint_0000012").mkdir()
-    (tmp_path / "checkpoint_0000012-1").mkdir()
-    assert recovery.unique_checkpoint_name(str(tmp_path), 12) == "checkpoint_0000012-2"
-    assert recovery.checkpoint_candidates(str(tmp_path))[0].endswith("checkpoint_0000012-1")
-
-
 def test_restart_event_tells_restart_from_resume(tmp_path):
     (tmp_path / "progress.json").write_text('{"fit_id": "abc", "step": 9}')
     event = recovery.restart_event(str(tmp_path), "abc", 5, str(tmp_path / "checkpoint_0000005"))
@@ -80,7 +73,7 @@ def test_all_checkpoints_damaged_is_an_error_not_a_fresh_start(tmp_path):
     (tmp_path / "checkpoint_0000004").mkdir()
     warnings = []
     with pytest.raises(UserError, match="none of the 1 checkpoints"):
-        recovery.load_newest_valid(recovery.checkpoint_candidates(str(tmp_path)), warnings.append)
+        recovery.load_newest_valid(runs.list_checkpoints(str(tmp_path))[::-1], warnings.append)
     assert "skipping checkpoint" in warnings[0] and "no state.json" in warnings[0]
 
 

@@ -14,7 +14,7 @@ import yaml
 
 from raygpt.checkpoint import load_checkpoint
 from raygpt.errors import UserError
-from raygpt.loop import read_events, read_metrics
+from raygpt.runs import read_events, read_metrics
 from raygpt.train import TrainingFailed, train
 
 from helpers import make_corpus, tiny_config

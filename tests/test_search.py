@@ -157,6 +157,7 @@ def test_random_search_draws_distributions_per_point(data_dir, tmp_path):
         ({"early_stopping": "maybe"}, "tune.early_stopping: expected bool"),
         ({"max_failures": -1}, "tune.max_failures must be >= 0"),
         ({"search_alg": "bayes"}, "tune.search_alg must be one of grid, random, optuna, got 'bayes'"),
+        ({"name": "../elsewhere"}, "tune.name must be a plain folder name"),
         ({"scheduler": "bohb"}, "tune.scheduler must be one of asha, hyperband, got 'bohb'"),
         ({"search_alg": "random", "num_samples": 9}, r"tune.num_samples 9 is larger than the grid \(8 points\)"),
     ],

@@ -7,7 +7,8 @@ import pytest
 
 from raygpt.data import WindowDataset, load_manifest
 from raygpt.errors import UserError
-from raygpt.loop import read_metrics, run_without_ray
+from raygpt.loop import run_without_ray
+from raygpt.runs import read_metrics
 from raygpt.shared_data import local_shards, prepare_to
 
 from helpers import CORPUS, tiny_config

@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from raygpt.errors import UserError
-from raygpt.loop import read_metrics, run_without_ray
+from raygpt.loop import run_without_ray
+from raygpt.runs import read_metrics
 from raygpt.train import train
 
 from helpers import make_corpus, tiny_config
@@ -127,6 +128,141 @@ def test_generate_from_a_damaged_checkpoint(run_cli, data_dir, tmp_path):
     assert "is damaged: model.pt does not load" in err
 
 
+@pytest.fixture(scope="module")
+def small_run(data_dir, tmp_path_factory):
+    """A finished 4-step run with checkpoints at steps 2 and 4, copied by each test that damages it."""
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("small") / "runs"
+    cfg = tiny_config(data_dir, folder, "train.max_steps=4", "train.save_freq=2", "run.num_to_keep=2")
+    run_without_ray(cfg, str(data_dir), str(folder / "r1"))
+    (folder / "r1" / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    return folder
+
+
+def copy_run(small_run, tmp_path) -> Path:
+    import shutil
+
+    shutil.copytree(small_run, tmp_path / "runs")
+    return tmp_path / "runs" / "r1"
+
+
+def edit_state(checkpoint: Path, **changes) -> None:
+    state = json.loads((checkpoint / "state.json").read_text())
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            state["config"][section][field] = value
+        else:
+            state[key] = value
+    (checkpoint / "state.json").write_text(json.dumps(state))
+
+
+HOLD_LEASE = "import sys, time; from raygpt import runs; runs.Lease(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)"
+
+
+@pytest.mark.parametrize("no_ray", [False, True])
+def test_two_writers_of_one_run_the_second_is_refused_before_anything_starts(run_cli, small_run, tmp_path, no_ray):
+    run = copy_run(small_run, tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LEASE, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        err = one_line_error(run_cli, "train", "--resume", "r1", "--set", f"run.storage_path={run.parent}",
+                             *(["--no-ray"] if no_ray else []))
+        assert f"run {run} is being written by" in err and f":{holder.pid} (heartbeat" in err
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_resume_skips_a_damaged_newest_state_and_refuses_a_newer_format(run_cli, small_run, data_dir, tmp_path):
+    from raygpt.train import RunPaths, _check_resume
+
+    run = copy_run(small_run, tmp_path)
+    cfg = tiny_config(data_dir, run.parent)
+    (run / "checkpoint_0000004" / "state.json").write_text("{truncated")
+    said = []
+    _check_resume(RunPaths(str(run.parent), "r1"), cfg, said.append)  # the step-2 checkpoint will do
+    assert len(said) == 1 and "skipping checkpoint" in said[0] and "checkpoint_0000004" in said[0]
+    edit_state(run / "checkpoint_0000002", format_version=7)
+    err = one_line_error(run_cli, "train", "--resume", "r1", "--set", f"run.storage_path={run.parent}")
+    assert "has format 7, newer than this raygpt reads (1); upgrade raygpt" in err
+
+
+def test_generate_falls_back_from_a_damaged_newest_checkpoint(run_cli, small_run, tmp_path):
+    run = copy_run(small_run, tmp_path)
+    model = run / "checkpoint_0000004" / "model.pt"
+    model.write_bytes(model.read_bytes()[:1000])
+    code, out, err = run_cli("generate", "--checkpoint", str(run), "--prompt", "def", "--max-new-tokens", "4")
+    assert code == 0, err
+    assert out.startswith("def") and "skipping checkpoint" in err and "checkpoint_0000004" in err
+
+
+@pytest.mark.parametrize("key, value, said", [
+    ("model__context_len", 10**9, "context_len 1000000000 vs 16"),
+    ("model__num_layers", "2", "num_layers '2' vs 2"),
+    ("model__vocabulary_size", 100, "vocabulary_size 100"),
+    ("model__num_heads", 0, "num_heads 0 does not divide"),
+])
+def test_generate_refuses_a_state_that_does_not_match_its_weights(run_cli, small_run, tmp_path, key, value, said):
+    run = copy_run(small_run, tmp_path)
+    edit_state(run / "checkpoint_0000004", **{key: value})
+    err = one_line_error(run_cli, "generate", "--checkpoint", str(run / "checkpoint_0000004"), "--prompt", "x")
+    assert "state.json's model config does not match model.pt" in err and said in err
+
+
+def _damage(folder: Path, how: str) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    shard = folder / manifest["splits"]["train"]["shards"][0]["file"]
+    if how == "missing":
+        shard.unlink()
+    elif how == "truncated":
+        shard.write_bytes(shard.read_bytes()[:100])
+    elif how == "empty":
+        shard.write_bytes(b"")
+    else:
+        key, value = how.split("=")
+        manifest[key] = int(value) if value.isdigit() else value
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("how, said", [
+    ("missing", "is damaged: train-00000.arrow is missing"),
+    ("truncated", "is damaged: train-00000.arrow has 100 bytes, the manifest says"),
+    ("empty", "is damaged: train-00000.arrow has 0 bytes"),
+    ("tokenizer=cl100k_base", "tokenizer 'cl100k_base' / dtype 'uint16'; this raygpt reads gpt2 / uint16"),
+    ("dtype=uint32", "dtype 'uint32'"),
+    ("format_version=9", "has format version 9, newer than this raygpt reads (1)"),
+    ("format_version=one", "is not a raygpt token manifest"),
+])
+def test_data_that_cannot_be_trained_on_is_refused_before_ray_starts(run_cli, data_dir, tmp_path, how, said):
+    import shutil
+
+    shutil.copytree(data_dir, tmp_path / "data")
+    _damage(tmp_path / "data", how)
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "data", tmp_path / "runs"))
+    assert said in one_line_error(run_cli, "train", "--config", str(cfg))
+
+
+def test_a_vocabulary_smaller_than_the_datas_is_refused_before_ray_starts(run_cli, data_dir, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(data_dir, tmp_path / "runs"))
+    err = one_line_error(run_cli, "train", "--config", str(cfg), "--set", "model.vocabulary_size=100")
+    assert "model.vocabulary_size 100 is smaller than the data's vocabulary (50257 gpt2 token ids" in err
+
+
+@pytest.mark.parametrize("no_ray", [False, True])
+def test_a_resume_on_other_data_is_refused(run_cli, small_run, data_dir, tmp_path, no_ray):
+    import shutil
+
+    run = copy_run(small_run, tmp_path)
+    shutil.copytree(data_dir, tmp_path / "other")
+    manifest = json.loads((tmp_path / "other" / "manifest.json").read_text())
+    manifest["fingerprint"] = "f" * 64  # as a prepare of other inputs would leave it
+    (tmp_path / "other" / "manifest.json").write_text(json.dumps(manifest))
+    err = one_line_error(run_cli, "train", "--resume", "r1", "--set", f"run.storage_path={run.parent}",
+                         "--set", f"data.dir={tmp_path / 'other'}", *(["--no-ray"] if no_ray else []))
+    assert "was trained on data" in err and "but data.dir now holds ffffffffffff" in err
+
+
 # ----------------------------------------------------------------------------- real Ray
 
 
@@ -198,7 +334,7 @@ def test_a_worker_larger_than_every_node_fails_at_once(ray_address, data_dir, tm
 
 @pytest.mark.slow
 def test_a_path_a_node_cannot_see_is_named_before_training(ray_address, tmp_path):
-    from raygpt.train import check_paths_on_nodes, missing_here
+    from raygpt.cluster import check_paths_on_nodes, missing_here
 
     assert missing_here({"data.dir": str(tmp_path), "run folder": "s3://bucket/runs/x"}) == []
     # This cluster has one node; the check runs there (as on every node of a bigger cluster).
@@ -208,3 +344,75 @@ def test_a_path_a_node_cannot_see_is_named_before_training(ray_address, tmp_path
     assert ray.get(check.remote({"data.dir": str(tmp_path / "nope")})) == [f"data.dir {tmp_path / 'nope'}"]
     with pytest.raises(UserError, match=r"data.dir .*nope not visible on node [0-9.]+: .*shared storage"):
         check_paths_on_nodes({"data.dir": str(tmp_path / "nope")})
+
+
+# ----------------------------------------------------------------------------- fuzz: exit 0 or one line
+
+
+FUZZ_VALUES = ["abc", ".nan", ".inf", "-.inf", "-1", "0", "1e30", "-0.5", "[1, 2]", "{a: 1}", "null", "true",
+               "99999999999999999999", "''", "../x", "3.5"]
+
+
+def _config_keys() -> list[str]:
+    import dataclasses
+
+    from raygpt.config import Config
+
+    return [f"{section.name}.{f.name}" for section in dataclasses.fields(Config) if dataclasses.is_dataclass(section.type)
+            or hasattr(getattr(Config(), section.name), "__dataclass_fields__")
+            for f in dataclasses.fields(getattr(Config(), section.name))]
+
+
+def _assert_exit_0_or_one_line(run_cli, *args):
+    code, out, err = run_cli(*args)
+    assert code in (0, 2), (args, code, err[-2000:])
+    if code == 2:
+        assert err.startswith("raygpt: error: ") and err.count("\n") == 1, (args, err[-2000:])
+    assert "Traceback" not in err, (args, err[-2000:])
+
+
+def test_fuzzed_configs_exit_0_or_with_one_line(run_cli, data_dir, tmp_path):
+    import random
+
+    import ray
+
+    ray_was_up = ray.is_initialized()
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(data_dir, tmp_path / "runs"))
+    rng = random.Random(20261129)
+    keys = _config_keys()
+    for _ in range(150):
+        sets = [a for _ in range(rng.randint(1, 3)) for a in ("--set", f"{rng.choice(keys)}={rng.choice(FUZZ_VALUES)}")]
+        _assert_exit_0_or_one_line(run_cli, "train", "--check", "--config", str(cfg), *sets)
+    assert ray.is_initialized() == ray_was_up  # nothing started
+
+
+def _mutate(node, rng):
+    """One random change somewhere in a JSON tree: a value replaced, or a key removed."""
+    path = []
+    while isinstance(node, (dict, list)) and node and rng.random() < 0.75:
+        key = rng.choice(list(node)) if isinstance(node, dict) else rng.randrange(len(node))
+        path.append((node, key))
+        node = node[key]
+    if not path:
+        return
+    parent, key = path[-1]
+    if isinstance(parent, dict) and rng.random() < 0.3:
+        del parent[key]
+    else:
+        parent[key] = rng.choice([None, "x", -1, 0, 1e300, float("nan"), [], {}, True, 2**70, "../../x.arrow"])
+
+
+def test_fuzzed_manifests_exit_0_or_with_one_line(run_cli, data_dir, tmp_path):
+    import random
+    import shutil
+
+    shutil.copytree(data_dir, tmp_path / "data")
+    original = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "data", tmp_path / "runs"))
+    rng = random.Random(1129)
+    for _ in range(150):
+        manifest = json.loads(json.dumps(original))
+        for _ in range(rng.randint(1, 2)):
+            _mutate(manifest, rng)
+        (tmp_path / "data" / "manifest.json").write_text(json.dumps(manifest))
+        _assert_exit_0_or_one_line(run_cli, "train", "--check", "--config", str(cfg))

@@ -12,7 +12,7 @@ import yaml
 
 from raygpt.analysis import analyze
 from raygpt.config import load_config
-from raygpt.loop import read_events
+from raygpt.runs import read_events
 from raygpt.analysis import _tokens_to_max_t
 from raygpt.search import TuneSettings, expand, parse_search
 from raygpt.tune import (rung_milestones, rung_save_steps, trial_save_steps, runs_in_trial, trial_footprint, trial_reservation,
@@ -257,3 +257,12 @@ def test_optuna_suggests_valid_trials(ray_address, data_dir, tmp_path, run_cli):
     assert len(analysis.rows) == 3 and not analysis.errors
     assert all(r["optim.initial_lr"] == 0.001 and r["status"] == "TERMINATED" for r in analysis.rows)
     assert len({r["optim.peak_lr"] for r in analysis.rows}) == 3
+
+
+@pytest.mark.parametrize("max_t, eta", [(54, 3), (45, 3), (1000, 4), (12, 2)])
+def test_the_smallest_hyperband_bracket_is_rays(max_t, eta):
+    from ray.tune.schedulers import HyperBandScheduler
+
+    from raygpt.tune import hyperband_smallest_bracket
+
+    assert hyperband_smallest_bracket(max_t, eta) == HyperBandScheduler(max_t=max_t, reduction_factor=eta)._get_n0(1)

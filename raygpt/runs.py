@@ -1,0 +1,273 @@
+"""A run folder: what raygpt keeps in it, in what order, and who may write it.
+
+    <storage_path>/<run name>/
+        config.yaml                the run's config, written at launch
+        metrics.jsonl              one row per report, plus event rows (restarts, resumes)
+        progress.json              the step the run has reached (refreshed while it trains)
+        lease.json                 the process writing the run now: owner and heartbeat
+        checkpoint_<step>[-<n>]/   model.pt, optimizer.pt, state.json (written last)
+
+Every other module asks this one for "the newest complete checkpoint", "the best", the metrics
+log, or the lease; none of them lists the folder itself. The folder may be local or on any
+storage URI (`raygpt.storage`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import socket
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import pyarrow.fs as pafs
+
+from raygpt import storage
+from raygpt.errors import UserError
+from raygpt.storage import STATE_FILE
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+PROGRESS_FILE = "progress.json"
+LEASE_FILE = "lease.json"
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint_{step:07d}"
+
+
+_CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)(?:-(\d+))?")
+
+
+def checkpoint_order(name: str) -> tuple[int, int] | None:
+    """(step, rewrite) of `checkpoint_<step>[-<rewrite>]`, compared as numbers (as text,
+    checkpoint_9999999 would sort after checkpoint_10000000 and -10 before -2); None for any
+    other name."""
+    match = _CHECKPOINT_NAME.fullmatch(name)
+    return (int(match[1]), int(match[2] or 0)) if match else None
+
+
+def list_checkpoints(run_uri: str) -> list[str]:
+    """URIs of the run's checkpoint folders, complete or not, oldest first (by step, then rewrite)."""
+    fs, path = storage.filesystem(run_uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path))
+    names = [i.base_name for i in infos if i.type == pafs.FileType.Directory and checkpoint_order(i.base_name)]
+    return [storage.join(run_uri, n) for n in sorted(names, key=checkpoint_order)]
+
+
+def unique_checkpoint_name(run_dir: str | None, step: int) -> str:
+    """checkpoint_<step>, or checkpoint_<step>-N when a run re-trains a step whose (damaged)
+    folder is still there: a checkpoint folder is never written twice."""
+    name = checkpoint_name(step)
+    n = 0
+    while run_dir and storage.exists(storage.join(run_dir, name if n == 0 else f"{name}-{n}")):
+        n += 1
+    return name if n == 0 else f"{name}-{n}"
+
+
+def read_state(checkpoint_uri: str) -> dict[str, Any] | None:
+    """A checkpoint's state.json, or None when it is missing or not a JSON object."""
+    uri = storage.join(checkpoint_uri, STATE_FILE)
+    try:
+        state = json.loads(storage.read_text(uri))
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8, not JSON
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def complete_checkpoints(run_uri: str) -> list[str]:
+    """The checkpoints that have their state.json (written last), oldest first."""
+    return [uri for uri in list_checkpoints(run_uri) if storage.exists(storage.join(uri, STATE_FILE))]
+
+
+def newest_complete(run_uri: str) -> str | None:
+    found = complete_checkpoints(run_uri)
+    return found[-1] if found else None
+
+
+def newest_readable(run_uri: str, warn: Callable[[str], None] = print) -> tuple[str, dict[str, Any]] | None:
+    """The newest checkpoint whose state.json reads, with that state; damaged ones are skipped
+    with a warning naming them (the loop skips them the same way when it restores)."""
+    for uri in reversed(complete_checkpoints(run_uri)):
+        state = read_state(uri)
+        if state is not None:
+            return uri, state
+        warn(f"warning: skipping checkpoint {uri}: its {STATE_FILE} is damaged")
+    return None
+
+
+def best_checkpoint(run_uri: str) -> tuple[str | None, float]:
+    """The kept checkpoint with the lowest val_loss its state.json records."""
+    best, best_loss = None, math.inf
+    for uri in complete_checkpoints(run_uri):
+        loss = (read_state(uri) or {}).get("val_loss")
+        if isinstance(loss, (int, float)) and loss < best_loss:
+            best, best_loss = uri, loss
+    return best, best_loss
+
+
+def prune_checkpoints(run_uri: str, keep: int) -> list[str]:
+    """Keep the `keep` checkpoints of lowest val_loss (as their state.json says) and the newest,
+    as Ray Train's CheckpointConfig(num_to_keep) does; delete the others. Returns the deleted."""
+    uris = list_checkpoints(run_uri)
+    if len(uris) <= keep:
+        return []
+
+    def val_loss(uri: str) -> float:
+        loss = (read_state(uri) or {}).get("val_loss")
+        return loss if isinstance(loss, (int, float)) else math.inf
+
+    kept = set(sorted(uris, key=val_loss)[:keep]) | {uris[-1]}
+    deleted = [uri for uri in uris if uri not in kept]
+    for uri in deleted:
+        fs, path = storage.filesystem(uri)
+        fs.delete_dir(path)
+    return deleted
+
+
+# ----------------------------------------------------------------------------- the metrics log
+
+
+def read_log(run_dir: str | None) -> list[dict[str, Any]]:
+    """Every row of a run's metrics log: metrics, and events (rows with an "event" key)."""
+    uri = storage.join(run_dir, METRICS_FILE) if run_dir else None
+    if uri is None or not storage.exists(uri):
+        return []
+    return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
+
+
+def write_log(run_dir: str, rows: list[dict[str, Any]]) -> None:
+    """The whole log, rewritten (object stores have no append; a local write is atomic)."""
+    storage.write_text(storage.join(run_dir, METRICS_FILE), "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    """The metric rows of a run's log, one per eval, in step order."""
+    return [r for r in read_log(run_dir) if "event" not in r]
+
+
+def read_events(run_dir: str) -> list[dict[str, Any]]:
+    """The restart / resume rows of a run's log."""
+    return [r for r in read_log(run_dir) if "event" in r]
+
+
+# ----------------------------------------------------------------------------- the lease
+
+
+class Lease:
+    """One writer per run folder. `lease.json` names the owner (host, PID, command) and a
+    heartbeat it refreshes every `heartbeat_s`. Another process finding a live lease is refused
+    with one line; a lease whose owner is gone (its PID dead on this host, or no heartbeat for
+    `stale_s`) is taken over, saying so. On object stores (no exclusive create) two processes
+    starting within the same second can both write a lease; the later write wins and the earlier
+    process sees it at its first heartbeat and stops."""
+
+    def __init__(self, run_uri: str, *, heartbeat_s: float = 10.0, stale_s: float = 60.0,
+                 log: Callable[[str], None] = print):
+        self.uri = storage.join(run_uri, LEASE_FILE)
+        self.run_uri, self.heartbeat_s, self.stale_s, self.log = run_uri, heartbeat_s, stale_s, log
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": os.urandom(8).hex()}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost = False
+
+    def holder(self) -> dict[str, Any] | None:
+        try:
+            lease = json.loads(storage.read_text(self.uri))
+        except (OSError, ValueError):
+            return None
+        return lease if isinstance(lease, dict) else None
+
+    def _gone(self, lease: dict[str, Any]) -> str | None:
+        """Why the lease's owner is gone, or None while it looks alive."""
+        age = time.time() - float(lease.get("heartbeat", 0) or 0)
+        if lease.get("host") == socket.gethostname() and isinstance(lease.get("pid"), int) \
+                and not storage.pid_alive(lease["pid"]):
+            return f"its process {lease['pid']} is gone"
+        if age > self.stale_s:
+            return f"no heartbeat for {age:.0f} s"
+        return None
+
+    def _text(self) -> str:
+        return json.dumps({**self.owner, "command": " ".join(sys.argv[:3]), "heartbeat": time.time()})
+
+    def _write(self) -> None:
+        storage.write_text(self.uri, self._text())
+
+    def _create(self) -> bool:
+        """Create the lease where none is, exclusively on local disk (of two processes starting
+        at once, one wins); False when one exists (or, on an object store, always)."""
+        if storage.is_uri(self.uri):
+            return False
+        os.makedirs(os.path.dirname(self.uri), exist_ok=True)
+        try:
+            fd = os.open(self.uri, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(self._text())
+        return True
+
+    def acquire(self) -> "Lease":
+        held = self.holder()
+        if held is None and self._create():
+            self._start_heartbeat()
+            return self
+        held = held or self.holder()
+        if held is None:
+            self.log(f"taking over the lease of run {self.run_uri}: {LEASE_FILE} is damaged")
+        elif held.get("token") != self.owner["token"]:
+            why = self._gone(held)
+            who = f"{held.get('host')}:{held.get('pid')}"
+            if why is None:
+                age = time.time() - float(held.get("heartbeat", 0) or 0)
+                raise UserError(f"run {self.run_uri} is being written by {who} (heartbeat {age:.0f} s ago); "
+                                f"wait for it to end, or, if it is gone, retry after {self.stale_s:.0f} s without "
+                                f"a heartbeat")
+            self.log(f"taking over the lease of run {self.run_uri} from {who}: {why}")
+        self._write()
+        held = self.holder()
+        if held is None or held.get("token") != self.owner["token"]:
+            raise UserError(f"run {self.run_uri} was taken by {held and held.get('host')}:{held and held.get('pid')} "
+                            f"while starting; try again")
+        self._start_heartbeat()
+        return self
+
+    def _start_heartbeat(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name="raygpt-lease", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            held = self.holder()
+            if held is not None and held.get("token") != self.owner["token"]:
+                self.lost = True
+                self.log(f"warning: the lease of run {self.run_uri} was taken by {held.get('host')}:{held.get('pid')}")
+                return
+            try:
+                self._write()
+            except OSError:  # storage hiccup: the next beat tries again
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        held = self.holder()
+        if held is not None and held.get("token") == self.owner["token"]:
+            fs, path = storage.filesystem(self.uri)
+            fs.delete_file(path)
+
+    def __enter__(self) -> "Lease":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,155 @@
+"""Storage: a local folder or any pyarrow filesystem URI (s3://, gs://, ...), read and written
+whole. Runs, checkpoints, metrics logs and search folders all go through these few calls.
+
+Nothing half-written is ever visible under its final name: small files and local checkpoint
+folders are written under a temporary name (carrying the writer's PID) and renamed; on object
+stores, which have no rename, a checkpoint's `state.json` is written strictly after its other
+files. Temporaries left by a killed writer are removed by the next writer once that PID is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from raygpt.errors import UserError
+
+STATE_FILE = "state.json"  # a checkpoint's completeness marker: written last
+
+
+
+def is_uri(path: str) -> bool:
+    return "://" in str(path)
+
+
+def resolve_storage(path: str) -> str:
+    """Absolute local path, or the URI unchanged."""
+    return str(path) if is_uri(path) else os.path.abspath(os.path.expanduser(str(path)))
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowException, ValueError, OSError) as exc:
+        raise UserError(f"cannot open storage {uri}: {exc}") from None
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_text(uri: str) -> str:
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def write_text(uri: str, text: str) -> None:
+    """Write a small file whole (object stores have no append); local writes are atomic, under a
+    temporary name of this process (two writers never share one)."""
+    fs, path = filesystem(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        with fs.open_output_stream(path) as f:
+            f.write(text.encode())
+        return
+    parent, name = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(name), dir=parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------- temporaries
+
+
+def temp_prefix(name: str) -> str:
+    """`.<name>.tmp-<host>-<pid>-`: hidden, and naming its writer, so a later writer can tell an
+    abandoned temporary (its process gone) from one being written (on shared storage, only this
+    host's own temporaries are judged)."""
+    return f".{name}.tmp-{socket.gethostname()}-{os.getpid()}-"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_abandoned(parent: str | Path, name: str) -> list[str]:
+    """Delete temporaries of `name` in the local folder `parent` whose writing process (on this
+    host) is gone; return their paths."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.tmp-{re.escape(socket.gethostname())}-(\d+)-.*")
+    removed = []
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry)
+        if match and int(match[1]) != os.getpid() and not pid_alive(int(match[1])):
+            path = os.path.join(parent, entry)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                Path(path).unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def upload(local_dir: str, uri: str) -> None:
+    """Copy a local checkpoint folder to `uri` on storage, visible only when complete: on local
+    disk it is copied under a temporary name and renamed into place; on an object store (no
+    rename) `state.json`, the marker every reader trusts, is written strictly after the rest."""
+    fs, path = filesystem(uri)
+    local = pafs.LocalFileSystem()
+    if isinstance(fs, pafs.LocalFileSystem):
+        parent, name = os.path.split(path.rstrip("/"))
+        fs.create_dir(parent, recursive=True)
+        remove_abandoned(parent, name)
+        tmp = tempfile.mkdtemp(prefix=temp_prefix(name), dir=parent)
+        try:
+            pafs.copy_files(local_dir, tmp, source_filesystem=local, destination_filesystem=local)
+            os.rename(tmp, path)
+        except BaseException:
+            fs.delete_dir(tmp)
+            raise
+        return
+    fs.create_dir(path, recursive=True)
+    names = sorted(os.listdir(local_dir), key=lambda n: n == STATE_FILE)  # state.json last
+    for name in names:
+        pafs.copy_files(os.path.join(local_dir, name), f"{path}/{name}", source_filesystem=local, destination_filesystem=fs)
+
+
+def download(uri: str, local_dir: str) -> str:
+    """Copy a checkpoint folder from storage to `local_dir` (a no-op for a local folder)."""
+    if not is_uri(uri):
+        return uri
+    fs, path = filesystem(uri)
+    pafs.copy_files(path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local_dir
+
+
+def temporary_dir(prefix: str = "raygpt-") -> tempfile.TemporaryDirectory:
+    """A local scratch folder (downloads of checkpoints, uploads in the making)."""
+    return tempfile.TemporaryDirectory(prefix=prefix)
