@@ -183,12 +183,12 @@ def test_the_default_search_completes_on_a_loaded_machine(ray_address, tmp_path,
     """jobs/tune.yaml as shipped (the tiny model, 8 trials, 2 at a time, ASHA) on the prose
     corpus, with a CPU-bound process running beside it: every trial ends TERMINATED, none in
     ERROR, exit 0. (Trials used to wait on each other's CPU and fail after Ray Train's 60 s
-    worker-group start timeout.) Shortened to 15 steps (rungs 5 and 15) and a smaller final eval
-    to keep the suite's time: what is tested is that 8 trials share 2 loaded CPUs."""
+    worker-group start timeout.) Shortened to 10 steps (a rung at 5) and a small final eval to keep
+    the suite's time: what is tested is that 8 trials share 2 loaded CPUs."""
     data_dir = make_prose_corpus(tmp_path / "prose")
     code, out, err = run_cli("tune", "--config", str(JOBS / "tune.yaml"), "--address", ray_address,
                              "--set", f"data.dir={data_dir}", "--set", "data.source=null",
-                             "--set", "train.max_steps=15", "--set", "train.final_eval_tokens=4096",
+                             "--set", "train.max_steps=10", "--set", "train.final_eval_tokens=2048",
                              "--set", f"run.storage_path={tmp_path / 'runs'}", "--set", "tune.name=default")
     assert code == 0, err
     analysis = analyze(str(tmp_path / "runs" / "default"))
