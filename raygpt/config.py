@@ -37,12 +37,12 @@ class ModelConfig(GPTConfig):
 class DataConfig:
     dir: str = "data/stdlib"  # written by `raygpt prepare`: a folder (local or NFS) or a URI (s3://, gs://)
     source: str | None = None  # "stdlib": `raygpt train` prepares `dir` from it when missing
-    stride: int | None = None  # window stride; None means context_len (non-overlapping, as the seed)
+    stride: int | None = None  # window stride; None means context_len (non-overlapping, as the recipe's data loader)
 
 
 @dataclass
 class OptimConfig:
-    # Defaults are the seed's: AdamW(weight_decay=0.1), warmup from initial_lr to peak_lr, cosine to min_lr.
+    # Defaults are the recipe's: AdamW(weight_decay=0.1), warmup from initial_lr to peak_lr, cosine to min_lr.
     peak_lr: float = 0.01
     initial_lr: float = 0.0001
     min_lr: float = 1e-6
@@ -51,8 +51,8 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     max_norm: float = 1.0
-    clip_during_warmup: bool = False  # the seed clips only once warmup is over
-    decay_matrices_only: bool = False  # the seed decays every parameter
+    clip_during_warmup: bool = False  # the recipe clips only once warmup is over
+    decay_matrices_only: bool = False  # the recipe decays every parameter
     fused: bool | None = None  # fused AdamW kernel; null: on GPUs (raygpt.fastpath)
 
 

@@ -47,7 +47,7 @@ WORK_UNIT_CHARS = 1 << 18  # texts batched per tokenizer task: fewer futures, st
 
 
 def num_windows(num_tokens: int, context_len: int, stride: int) -> int:
-    """Windows of context_len inputs (+1 target) starting every `stride` tokens, as the seed's
+    """Windows of context_len inputs (+1 target) starting every `stride` tokens, as the recipe's
     `range(0, len(ids) - context_len, stride)`."""
     if num_tokens <= context_len:
         return 0

@@ -1,4 +1,4 @@
-"""The training loop: plain PyTorch, the seed's `hyper_pretrain_model` made distributed.
+"""The training loop: plain PyTorch, the recipe's `hyper_pretrain_model` made distributed.
 
 It runs the same under Ray Train (raygpt.train), under torchrun, or alone in one process; what
 differs is the `Runtime` the caller hands in (rank, device, how to wrap the model and loader,
@@ -94,7 +94,7 @@ def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW; by default every parameter decays (the seed); `decay_matrices_only` spares biases,
+    """AdamW; by default every parameter decays (the recipe); `decay_matrices_only` spares biases,
     LayerNorm and embeddings."""
     if optim.decay_matrices_only:
         no_decay = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}

@@ -1,6 +1,6 @@
 """The GPT model: plain PyTorch, no framework glue (no Ray import here).
 
-Parameter names follow the seed (`tok_emb`, `pos_emb`, `trf_blocks`, `final_norm`, `out_head`);
+Parameter names follow the LLMs-from-scratch GPTModel (`tok_emb`, `pos_emb`, `trf_blocks`, `final_norm`, `out_head`);
 attention projects q, k and v with one fused matmul and runs through
 `scaled_dot_product_attention` (flash / memory-efficient kernels where the device has them).
 """
@@ -46,7 +46,7 @@ def fit_vocab_rows(state_dict: dict[str, torch.Tensor], rows: int) -> dict[str, 
 
 @dataclass
 class GPTConfig:
-    """The seed's model parameters, plus weight tying (off by default, as in the seed)."""
+    """The recipe's model parameters, plus weight tying (off by default: the recipe has an untied head)."""
 
     embedding_dim: int = 768
     num_layers: int = 12
@@ -94,7 +94,7 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # tanh approximation: the GELU GPT-2 (and the seed) uses.
+        # tanh approximation: the GELU GPT-2 (and the recipe) uses.
         return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
 
 

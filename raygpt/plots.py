@@ -1,4 +1,4 @@
-"""The two figures of the seed: train/val loss against tokens seen, and the lr schedule."""
+"""The two figures of the recipe: train/val loss against tokens seen, and the lr schedule."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ class GlobalBatchSampler(DistributedSampler):
 
     @property
     def batches_per_epoch(self) -> int:
-        return len(self.dataset) // self.global_batch  # the last partial batch is dropped, as the seed
+        return len(self.dataset) // self.global_batch  # the last partial batch is dropped, as the recipe's data loader
 
     def set_position(self, epoch: int, start_batch: int) -> None:
         """Visit epoch `epoch` from global batch `start_batch` on."""

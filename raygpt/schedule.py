@@ -1,4 +1,4 @@
-"""The learning-rate schedule and the clipping rule of the seed recipe (pure functions).
+"""The learning-rate schedule and the clipping rule of the training recipe (pure functions).
 
 Both take the optimizer step, never scheduler state, so a resumed run continues exactly.
 """
@@ -15,7 +15,7 @@ def warmup_cosine_lr(
     step: int, total_steps: int, warmup_steps: int, initial_lr: float, peak_lr: float, min_lr: float
 ) -> float:
     """Linear warmup from `initial_lr` to `peak_lr` over `warmup_steps`, then cosine to `min_lr`
-    at `total_steps`, exactly as the seed's `hyper_pretrain_model`."""
+    at `total_steps`, exactly as the recipe's `hyper_pretrain_model`."""
     if step < warmup_steps:
         return initial_lr + step * (peak_lr - initial_lr) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -23,7 +23,7 @@ def warmup_cosine_lr(
 
 
 def should_clip(step: int, warmup_steps: int, clip_during_warmup: bool = False) -> bool:
-    """Clip from the first step after warmup (`>=`; the seed's `>` skips that step, a known
+    """Clip from the first step after warmup (`>=`; the recipe's original `>` skips that step, a known
     off-by-one fixed upstream), or from step 0 with `clip_during_warmup`."""
     return clip_during_warmup or step >= warmup_steps
 

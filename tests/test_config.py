@@ -9,7 +9,7 @@ from raygpt.errors import UserError
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
 
 
-def test_defaults_are_the_seed_recipe():
+def test_defaults_are_the_recipe():
     cfg = load_config()
     assert (cfg.model.embedding_dim, cfg.model.num_layers, cfg.model.num_heads) == (768, 12, 12)
     assert (cfg.model.context_len, cfg.model.vocabulary_size, cfg.model.qkv_bias) == (1024, 50257, False)

@@ -44,7 +44,7 @@ def decoded_documents(folder):
     [(100, 10, 10, 9), (101, 10, 10, 10), (11, 10, 10, 1), (10, 10, 10, 0), (5, 10, 1, 0),
      (100, 10, 1, 90), (100, 10, 5, 18), (1000, 128, 64, 14)],
 )
-def test_num_windows_matches_the_seed(tokens, ctx, stride, expected):
+def test_num_windows_matches_the_recipe(tokens, ctx, stride, expected):
     assert num_windows(tokens, ctx, stride) == expected == len(range(0, tokens - ctx, stride))
 
 

@@ -38,7 +38,7 @@ def test_embedding_dim_must_divide_over_heads():
 
 
 def test_gpt2_small_parameter_counts():
-    # The seed's series: untied, no qkv bias.
+    # The recipe's series: untied, no qkv bias.
     with torch.device("meta"):
         assert GPTModel(**PRESETS["gpt2-small"], dropout=0.1, qkv_bias=False).num_parameters() == 163_009_536
         # The original GPT-2: tied head, qkv bias.

@@ -16,7 +16,7 @@ def test_warmup_rises_linearly_by_0_00066_per_step():
     assert lrs[15] == pytest.approx(0.01)  # warmup ends at the peak
 
 
-def test_cosine_decay_matches_the_seed_formula():
+def test_cosine_decay_matches_the_recipe_formula():
     for step in (15, 20, 57, 99, 100):
         progress = (step - 15) / (100 - 15)
         expected = 1e-6 + (0.01 - 1e-6) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -35,11 +35,11 @@ def test_no_warmup():
 
 def test_clip_rule_uses_greater_or_equal():
     assert not should_clip(14, 15)
-    assert should_clip(15, 15)  # the seed's `>` would skip this step
+    assert should_clip(15, 15)  # the recipe's original `>` would skip this step
     assert should_clip(0, 15, clip_during_warmup=True)
 
 
-def test_clipping_vector_from_the_seed():
+def test_clipping_vector_from_the_recipe():
     p = torch.nn.Parameter(torch.zeros(2, 2))
     p.grad = torch.tensor([[1.0, 2.0], [2.0, 4.0]])  # ||G||_2 = 5
     norm = clip_gradients([p], max_norm=2.0)

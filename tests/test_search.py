@@ -35,7 +35,7 @@ def test_grid_times_samples_and_draws_are_reproducible(data_dir, tmp_path):
     assert [t.overrides for t in trials] == [t.overrides for t in again]
 
 
-def test_the_seeds_nine_keys_are_searchable(data_dir, tmp_path):
+def test_the_recipes_nine_keys_are_searchable(data_dir, tmp_path):
     space = {"train.batch_size": {"grid": [4]}, "model.dropout": {"grid": [0.1]},
              "optim.warmup_steps": {"grid": [2]}, "optim.weight_decay": {"grid": [0.01]},
              "optim.max_norm": {"grid": [0.5]}, "optim.peak_lr": {"grid": [0.005]},
@@ -126,7 +126,7 @@ SEED_GRID_KEYS = ["train.batch_size", "model.dropout", "optim.warmup_steps", "op
                   "optim.peak_lr", "optim.initial_lr", "optim.min_lr", "train.num_epochs"]
 
 
-def test_the_seed_grid_file_holds_the_nine_keys_and_samples_distinct_points(data_dir):
+def test_the_recipe_grid_file_holds_the_nine_keys_and_samples_distinct_points(data_dir):
     overrides = [f"data.dir={data_dir}", "data.source=null", "model.context_len=16"]
     search = load_search(str(JOBS / "tune-seed-grid.yaml"), overrides)
     assert list(search.space) == SEED_GRID_KEYS and search.grid_size == 38_880

@@ -8,7 +8,7 @@ from raygpt import tokenizer
 from raygpt.tokenizer import EOT_ID, gpt2_encoding
 
 
-def test_seed_vectors():
+def test_recipe_vectors():
     enc = gpt2_encoding()
     assert enc.encode("every effort moves") == [16833, 3626, 6100]
     assert enc.encode("I really like") == [40, 1107, 588]
