@@ -146,6 +146,7 @@ def _train_without_ray(cfg, resume: str | None) -> None:
     import torch
 
     from raygpt import storage
+    from raygpt.data import check_shards, load_manifest
     from raygpt.loop import run_without_ray
     from raygpt.runs import Lease
     from raygpt.train import new_run_name, resume_paths
@@ -155,12 +156,14 @@ def _train_without_ray(cfg, resume: str | None) -> None:
     torch.set_num_threads(max(1, int(cfg.run.cpus_per_worker)))
     run_dir = (resume_paths(resume, cfg.run.storage_path).uri if resume
                else storage.join(storage.resolve_storage(cfg.run.storage_path), cfg.run.name or new_run_name()))
+    data_dir = storage.resolve_storage(cfg.data.dir)
+    check_shards(load_manifest(data_dir), data_dir)  # as a launch on Ray checks them, before anything starts
     print(f"run {run_dir.rsplit('/', 1)[-1]} without Ray -> {run_dir}")
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 holds the run's lease
-        run_without_ray(cfg, storage.resolve_storage(cfg.data.dir), run_dir)
+        run_without_ray(cfg, data_dir, run_dir)
         return
     with Lease(run_dir):
-        run_without_ray(cfg, storage.resolve_storage(cfg.data.dir), run_dir)
+        run_without_ray(cfg, data_dir, run_dir)
 
 
 def _add_tune(sub: argparse._SubParsersAction) -> None:

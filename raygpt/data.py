@@ -362,8 +362,8 @@ def shard_problem(folder: Path, manifest: dict[str, Any], full: bool = True) -> 
 
 
 def check_data_for_model(manifest: dict[str, Any], folder: str, vocabulary_size: int) -> None:
-    """Before anything starts: the data is a token format this raygpt reads, its token ids fit
-    the model's vocabulary, and (for a local folder) every shard is there at its size."""
+    """The data is a token format this raygpt reads and its token ids fit the model's vocabulary
+    (the manifest only: cheap enough for every trial's plan)."""
     where = f"{folder}/{MANIFEST}"
     version = manifest.get("format_version")
     if manifest.get("format") != "raygpt-tokens" or not isinstance(version, int) or isinstance(version, bool):
@@ -379,6 +379,11 @@ def check_data_for_model(manifest: dict[str, Any], folder: str, vocabulary_size:
     if not isinstance(n_vocab, int) or n_vocab > vocabulary_size:
         raise UserError(f"model.vocabulary_size {vocabulary_size} is smaller than the data's vocabulary "
                         f"({n_vocab} gpt2 token ids in {folder}); use at least {n_vocab}")
+
+
+def check_shards(manifest: dict[str, Any], folder: str) -> None:
+    """Before launch, once: every shard of a local folder is there at its manifest size (shards on
+    storage are size- and hash-checked when a node copies them)."""
     if not storage.is_uri(folder):
         problem = shard_problem(Path(folder), manifest, full=False)
         if problem:

@@ -26,7 +26,7 @@ import yaml
 
 from raygpt.config import (SECTIONS, Config, apply_overrides, coerce, config_from_dict, is_plain_name,
                            read_yaml_file)
-from raygpt.data import load_manifest
+from raygpt.data import check_shards, load_manifest
 from raygpt.errors import UserError
 from raygpt.loop import plan_for
 
@@ -272,8 +272,11 @@ def expand(search: Search) -> tuple[list[Trial], list[str]]:
 
 
 def _manifest(search: Search) -> dict[str, Any]:
-    """The data folder's manifest, read once for every trial's plan."""
-    return load_manifest(config_from_dict(copy.deepcopy(search.base)).data.dir)
+    """The data folder's manifest, read (and its shards checked) once for every trial's plan."""
+    data_dir = config_from_dict(copy.deepcopy(search.base)).data.dir
+    manifest = load_manifest(data_dir)
+    check_shards(manifest, data_dir)
+    return manifest
 
 
 def describe(overrides: dict[str, Any]) -> str:

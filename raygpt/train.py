@@ -17,7 +17,7 @@ from raygpt import checkpoint as ckpt
 from raygpt import cluster
 from raygpt import storage
 from raygpt.config import Config, apply_overrides, config_from_dict
-from raygpt.data import load_manifest
+from raygpt.data import check_shards, load_manifest
 from raygpt.errors import TrainingFailed, UserError
 from raygpt.loop import Runtime, StepPlan, plan_for, train_loop
 from raygpt.runs import CONFIG_FILE, METRICS_FILE, Lease, newest_complete, newest_readable, read_events, read_metrics
@@ -61,7 +61,7 @@ def run_config(paths: RunPaths, overrides: list[str]) -> Config:
     return config_from_dict(apply_overrides(yaml.safe_load(storage.read_text(uri)), overrides))
 
 
-def _check_resume(paths: RunPaths, cfg: Config, log=print) -> None:
+def _check_resume(paths: RunPaths, cfg: Config, log=print, manifest: dict[str, Any] | None = None) -> None:
     """Before Ray starts: the run has a checkpoint whose state this raygpt reads, for this model
     shape (a damaged newest one is skipped, as the loop skips it)."""
     found = newest_readable(paths.uri, warn=log)
@@ -70,7 +70,7 @@ def _check_resume(paths: RunPaths, cfg: Config, log=print) -> None:
     latest, state = found
     ckpt.check_state(state, latest)
     ckpt.check_same_shape(state["config"]["model"], cfg.model, latest)
-    ckpt.check_same_data(state, load_manifest(cfg.data.dir).get("fingerprint"), latest)
+    ckpt.check_same_data(state, (manifest or load_manifest(cfg.data.dir)).get("fingerprint"), latest)
 
 
 # ----------------------------------------------------------------------------- Ray
@@ -180,10 +180,13 @@ def write_plot(cfg: Config, plan: StepPlan, run_uri: str) -> str:
 def preflight(cfg: Config, resume: str | None = None, log=print) -> tuple[RunPaths, StepPlan]:
     """Everything checked before Ray starts: the data (manifest, shards, vocabulary), the batch
     arithmetic, the run folder (new, or a resumable checkpoint of this shape on this data)."""
-    plan = plan_for(cfg, storage.resolve_storage(cfg.data.dir))
+    data_dir = storage.resolve_storage(cfg.data.dir)
+    manifest = load_manifest(data_dir)  # read once for every check below
+    check_shards(manifest, data_dir)
+    plan = plan_for(cfg, data_dir, manifest)
     if resume:
         paths = resume_paths(resume, cfg.run.storage_path)
-        _check_resume(paths, cfg, log)
+        _check_resume(paths, cfg, log, manifest)
     else:
         paths = RunPaths(storage.resolve_storage(cfg.run.storage_path), cfg.run.name or new_run_name())
         if storage.exists(paths.uri):

@@ -253,10 +253,10 @@ def run_search(search: Search, *, address: str | None = None, log=print) -> str:
     num_trials = s.num_samples if searcher else len(trials)
     cap, why = concurrency(first, s, num_trials)
     max_t = default_max_t(trials, s)
-    if s.scheduler == "hyperband" and s.early_stopping and cap < hyperband_smallest_bracket(max_t, s.reduction_factor):
-        log(f"warning: tune.scheduler hyperband halves a bracket of {hyperband_smallest_bracket(max_t, s.reduction_factor)} "
-            f"trials at the least, but only {cap} run at once and Tune creates trials as slots free: it will stop "
-            f"nothing early (measured); use tune.scheduler asha, or more concurrency")
+    bracket = hyperband_smallest_bracket(max_t, s.reduction_factor)
+    if s.scheduler == "hyperband" and s.early_stopping and cap < bracket:
+        log(f"warning: tune.scheduler hyperband halves a bracket of {bracket} trials at the least, but only "
+            f"{cap} run at once and Tune creates trials as slots free: it will stop nothing early (measured); use tune.scheduler asha, or more concurrency")
     if not searcher:
         log(f"launch order (seed {s.seed}{'' if s.shuffle else ', as listed'}):")
         for i, trial in enumerate(trials):
