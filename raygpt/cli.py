@@ -105,7 +105,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-ray", action="store_true",
                    help="the same loop without Ray: one process, or DDP when started by torchrun")
     p.add_argument("--check", action="store_true",
-                   help="check the config, data and run folder as a launch would, print the plan, start nothing")
+                   help="check the config, data (shard hashes too) and run folder as a launch would, "
+                        "print the plan, start nothing")
     p.set_defaults(func=_run_train)
 
 
@@ -130,7 +131,7 @@ def _run_train(args: argparse.Namespace) -> None:
     if args.check:
         from raygpt.train import preflight
 
-        paths, plan = preflight(cfg, args.resume)
+        paths, plan = preflight(cfg, args.resume, hash_shards=True)
         print(f"ok: run {paths.name} ({'resume' if args.resume else 'new'}) -> {paths.uri}: {plan.total_steps} steps "
               f"of {cfg.train.batch_size} x {cfg.model.context_len} tokens on {cfg.run.num_workers} worker(s); "
               f"nothing started")

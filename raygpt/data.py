@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 
 from raygpt import __version__, storage
 from raygpt.errors import UserError
-from raygpt.tokenizer import EOT_ID, gpt2_encoding
+from raygpt.tokenizer import EOT_ID, MAX_ENCODE_CHARS, gpt2_encoding, text_chunks
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -242,18 +242,19 @@ class _SplitWriter:
         return {"documents": self.documents, "tokens": self.tokens, "shards": self.shards}
 
 
-def encode_document(text: str) -> np.ndarray:
+def encode_document(text: str, max_chars: int = MAX_ENCODE_CHARS) -> np.ndarray:
     """GPT-2 ids of one document followed by <|endoftext|>, as uint16.
 
     `encode_to_numpy` with no special tokens allowed or disallowed gives the ids of
     `encode_ordinary` (a literal "<|endoftext|>" in the text is ordinary text) without building
-    a Python list: on this corpus the list alone costs about a tenth of the time.
+    a Python list: on this corpus the list alone costs about a tenth of the time. A document
+    longer than `max_chars` is encoded in chunks (`text_chunks`) to bound the tokenizer's memory.
     """
-    ids = gpt2_encoding().encode_to_numpy(text, disallowed_special=())
-    out = np.empty(len(ids) + 1, dtype=np.uint16)
-    out[:-1] = ids
-    out[-1] = EOT_ID
-    return out
+    encoding = gpt2_encoding()
+    parts = [encoding.encode_to_numpy(chunk, disallowed_special=()).astype(np.uint16)
+             for chunk in text_chunks(text, max_chars)]
+    parts.append(np.array([EOT_ID], dtype=np.uint16))
+    return np.concatenate(parts)
 
 
 def _encode_unit(texts: list[str]) -> list[np.ndarray]:
@@ -381,11 +382,12 @@ def check_data_for_model(manifest: dict[str, Any], folder: str, vocabulary_size:
                         f"({n_vocab} gpt2 token ids in {folder}); use at least {n_vocab}")
 
 
-def check_shards(manifest: dict[str, Any], folder: str) -> None:
-    """Before launch, once: every shard of a local folder is there at its manifest size (shards on
-    storage are size- and hash-checked when a node copies them)."""
+def check_shards(manifest: dict[str, Any], folder: str, full: bool = False) -> None:
+    """Before launch, once: every shard of a local folder is there at its manifest size, and with
+    `full` (`raygpt train --check`) its content hash (shards on storage are size- and hash-checked
+    when a node copies them)."""
     if not storage.is_uri(folder):
-        problem = shard_problem(Path(folder), manifest, full=False)
+        problem = shard_problem(Path(folder), manifest, full=full)
         if problem:
             raise UserError(f"data {folder} is damaged: {problem}; run `raygpt prepare` again")
 

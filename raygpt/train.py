@@ -177,12 +177,13 @@ def write_plot(cfg: Config, plan: StepPlan, run_uri: str) -> str:
     return plot_run(rows, lr_schedule(cfg, plan), target)
 
 
-def preflight(cfg: Config, resume: str | None = None, log=print) -> tuple[RunPaths, StepPlan]:
+def preflight(cfg: Config, resume: str | None = None, log=print, hash_shards: bool = False) -> tuple[RunPaths, StepPlan]:
     """Everything checked before Ray starts: the data (manifest, shards, vocabulary), the batch
-    arithmetic, the run folder (new, or a resumable checkpoint of this shape on this data)."""
+    arithmetic, the run folder (new, or a resumable checkpoint of this shape on this data).
+    `hash_shards` also compares local shards' content with the manifest (a full read)."""
     data_dir = storage.resolve_storage(cfg.data.dir)
     manifest = load_manifest(data_dir)  # read once for every check below
-    check_shards(manifest, data_dir)
+    check_shards(manifest, data_dir, full=hash_shards)
     plan = plan_for(cfg, data_dir, manifest)
     if resume:
         paths = resume_paths(resume, cfg.run.storage_path)

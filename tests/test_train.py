@@ -243,6 +243,20 @@ def test_data_that_cannot_be_trained_on_is_refused_before_ray_starts(run_cli, da
     assert said in one_line_error(run_cli, "train", "--config", str(cfg))
 
 
+def test_check_hashes_local_shards_that_a_launch_only_size_checks(run_cli, data_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(data_dir, tmp_path / "data")
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    shard = tmp_path / "data" / manifest["splits"]["train"]["shards"][0]["file"]
+    body = bytearray(shard.read_bytes())
+    body[-200:-100] = bytes(100)  # same size, other tokens: a bit-rotted or half-rewritten shard
+    shard.write_bytes(bytes(body))
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "data", tmp_path / "runs"))
+    err = one_line_error(run_cli, "train", "--check", "--config", str(cfg))
+    assert "is damaged: train-00000.arrow differs from the manifest's sha256" in err
+
+
 def test_a_vocabulary_smaller_than_the_datas_is_refused_before_ray_starts(run_cli, data_dir, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", tiny_config(data_dir, tmp_path / "runs"))
     err = one_line_error(run_cli, "train", "--config", str(cfg), "--set", "model.vocabulary_size=100")
