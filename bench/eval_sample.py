@@ -5,7 +5,7 @@
 
 It loads a checkpoint (a checkpoint_* folder, or the newest one in a run folder) and scores every
 non-overlapping val window once: the whole split's loss. Then for each --tokens size it prints
-the loop's estimate (the mean over the windows `raygpt.loop.spread_windows` picks, the same
+the loop's estimate (the mean over the windows `raygpt.evaluation.spread_windows` picks, the same
 windows the loop reads with `train.eval_tokens` of that size), its error against the whole split,
 and the eval time per split: timed with the loop's own `evaluate` up to --time-max tokens, above
 that from the whole pass's throughput (marked ~). Also: the original recipe's first-N-batches
@@ -33,7 +33,8 @@ from raygpt import fastpath
 from raygpt.data import WindowDataset, prepare
 from raygpt.generate import load_model, resolve_checkpoint
 from raygpt.runs import METRICS_FILE
-from raygpt.loop import Runtime, eval_window_count, evaluate, spread_windows
+from raygpt.evaluation import eval_window_count, evaluate, spread_windows
+from raygpt.loop import Runtime
 
 TOKENS = (4096, 8192, 16384, 32768, 65536, 131072, 262144)
 

@@ -1,9 +1,10 @@
 """GPU check: GPT-2 small, context 1024, bf16, on one GPU: tokens/s and MFU of the training step.
 
 Needs only torch and this repository on PYTHONPATH (no Ray, no YAML, no data set: token ids are
-drawn at random, which costs the GPU exactly what real ones do). It runs the loop's hot path with
-the loop's own speed options (raygpt.fastpath): bf16 autocast, TF32, fused AdamW, SDPA flash
-attention, torch.compile, the vocabulary padded to a multiple of 64.
+drawn at random, which costs the GPU exactly what real ones do). Each step is the training loop's
+own `raygpt.step.train_step` (lr, per-step seed, autocast, backward, clip, non-finite check, AdamW)
+with the loop's speed options (raygpt.fastpath): bf16 autocast, TF32, fused AdamW, SDPA flash
+attention, torch.compile, the vocabulary padded to a multiple of 64. So its MFU is raygpt's.
 
     PYTHONPATH=. python bench/gpu_check.py                 # about 2-4 minutes on an H100/H200
     PYTHONPATH=. python bench/gpu_check.py --no-compile --batch 8 --steps 20
@@ -15,16 +16,17 @@ Prints one line per measurement and a final JSON object.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from raygpt import fastpath, perf
 from raygpt.model import PRESETS, GPTModel
+from raygpt.step import step_seed, train_step
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -52,16 +54,13 @@ def main(argv: list[str] | None = None) -> dict:
     step_model = fastpath.maybe_compile(model, args.compile)
     t_len, vocab = shape["context_len"], model.cfg.vocabulary_size
     batch = torch.randint(0, vocab, (args.batch, t_len + 1), device=device)
-    x, y = batch[:, :-1], batch[:, 1:]
+    batches = itertools.repeat((batch[:, :-1], batch[:, 1:]))
+    steps_done = itertools.count()
 
     def step() -> torch.Tensor:
-        with fastpath.autocast(device, precision):
-            loss = F.cross_entropy(step_model(x).flatten(0, 1), y.flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+        n = next(steps_done)
+        return train_step(step_model, optimizer, batches, lr=6e-4, seed=step_seed(0, 0, n, 0), max_norm=1.0,
+                          device=device, precision=precision, step_label=f"step {n + 1}").loss
 
     def sync() -> None:
         if device.type == "cuda":
@@ -90,13 +89,14 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_tflops": peak / 1e12 if peak else None,
         "mfu": round(perf.mfu(tokens_per_s, flops, peak), 4) if peak else None,
         "warmup_s": round(warmup_s, 1), "loss_first": round(first_loss, 3), "loss_last": round(float(loss), 3),
-        "max_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 1) if device.type == "cuda" else None,
+        **{k: round(v) for k, v in perf.peak_memory(device).items()},
     }
     assert math.isfinite(result["loss_last"]), "the loss is not finite"
     mfu = f"{result['mfu']:.1%}" if result["mfu"] is not None else "n/a (GPU not in raygpt.perf.GPU_PEAKS)"
     print(f"{result['device']}: {args.preset} {precision} compile={args.compile} batch {args.batch}x{t_len}: "
           f"{tokens_per_s:,.0f} tokens/s, {result['step_time_s'] * 1000:.0f} ms/step, MFU {mfu} "
-          f"(warm-up {warmup_s:.0f} s, loss {first_loss:.2f} -> {result['loss_last']:.2f})")
+          f"(warm-up {warmup_s:.0f} s, loss {first_loss:.2f} -> {result['loss_last']:.2f}), peak memory "
+          + ", ".join(f"{k.removesuffix('_mb')} {v:,} MB" for k, v in result.items() if k.endswith("_mb")))
     print(json.dumps(result))
     return result
 

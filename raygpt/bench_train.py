@@ -1,5 +1,6 @@
-"""`raygpt bench`: the same model and global batch trained four ways, interleaved in one sitting.
+"""`raygpt bench`: the same model and global batch trained five ways, interleaved in one sitting.
 
+  0  a bare PyTorch loop, the ceiling (raygpt.bench_bare): no DataLoader, no evals, no Ray
   a  the plain loop, no Ray:      raygpt train --no-ray          1 process x all threads
   b  raygpt, 1 Ray Train worker:  raygpt train                   1 worker x all threads
   c  raygpt, 2 Ray Train workers: raygpt train                   2 workers x half the threads each
@@ -34,11 +35,16 @@ SHAPES: dict[str, dict[str, Any]] = {
     "gpt2-small": {"model": {"preset": "gpt2-small"}, "batch_size": 8},
 }
 ROWS = {
+    "0": "bare PyTorch loop",
     "a": "plain loop, no Ray",
     "b": "raygpt, 1 Ray worker",
     "c": "raygpt, 2 Ray workers",
     "d": "torchrun, 2 processes",
 }
+
+# What each ratio says: raygpt's loop against PyTorch, Ray against raygpt's loop, Ray's DDP
+# against torchrun's.
+RATIOS = {"a/0": ("a", "0"), "b/a": ("b", "a"), "c/d": ("c", "d")}
 
 
 def bench_config(preset: str, steps: int, device: str, precision: str, compile_model: bool,
@@ -61,6 +67,8 @@ def row_command(row: str, config: str, name: str, threads: int, address: str | N
     raygpt = [sys.executable, "-m", "raygpt", "train", "--config", config, "--set", f"run.name={name}"]
     half = max(1, threads // 2)
     env = dict(os.environ)
+    if row == "0":  # writes its metric rows where the run folder of `name` would be
+        return [sys.executable, "-m", "raygpt.bench_bare", config, name, str(threads)], env
     if row == "a":
         return raygpt + ["--no-ray", "--set", f"run.cpus_per_worker={threads}"], env
     if row in ("b", "c"):
@@ -102,7 +110,7 @@ def _refresh_cpu_peaks(precision: str, thread_counts: list[int]) -> None:
 
 def bench_train(preset: str = "tiny", device: str = "cpu", precision: str = "fp32", compile_model: bool = False,
                 steps: int = 40, repeats: int = 2, data_dir: str = "data/stdlib", address: str | None = None,
-                rows: str = "abcd") -> dict[str, Any]:
+                rows: str = "0abcd") -> dict[str, Any]:
     if preset not in SHAPES:
         raise UserError(f"--preset must be one of {', '.join(SHAPES)}, got {preset!r}")
     if device == "cuda":
@@ -129,7 +137,8 @@ def bench_train(preset: str = "tiny", device: str = "cpu", precision: str = "fp3
         for round_ in range(repeats):
             for row in rows:  # interleaved: every row sees the machine in the same state
                 name = f"{row}{round_}"
-                cmd, env = row_command(row, config, name, threads, address)
+                cmd, env = row_command(row, config, os.path.join(storage, name) if row == "0" else name,
+                                       threads, address)
                 launched = time.time()
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if proc.returncode != 0:
@@ -152,7 +161,7 @@ def report(results: dict[str, list[dict[str, float]]], preset: str, device: str,
     for row in results:
         out[row] = {"name": ROWS[row], **{k: median(row, k) for k in
                                           ("tokens_per_s", "tokens_per_s_per_device", "mfu", "startup_s")}}
-    for ratio, (top, bottom) in {"b/a": ("b", "a"), "c/d": ("c", "d")}.items():
+    for ratio, (top, bottom) in RATIOS.items():
         have = top in results and bottom in results
         out[ratio] = round(out[top]["tokens_per_s"] / out[bottom]["tokens_per_s"], 3) if have else None
     print(f"train benchmark: {preset}, {device} {precision}{' compiled' if compile_model else ''}, {steps} steps, "
@@ -163,7 +172,7 @@ def report(results: dict[str, list[dict[str, float]]], preset: str, device: str,
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         print(f"  {row:<3}{r['name']:<26}{r['tokens_per_s']:>12,.0f}{r['tokens_per_s_per_device']:>12,.0f}"
               f"{mfu:>8}{r['startup_s']:>9.1f}s")
-    for ratio in ("b/a", "c/d"):
+    for ratio in RATIOS:
         print(f"  {ratio}: {out[ratio] if out[ratio] is not None else 'n/a'}")
     print(json.dumps(out))
     return out

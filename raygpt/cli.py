@@ -54,9 +54,9 @@ def _run_prepare(args: argparse.Namespace) -> None:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks that print figures (default: training, four ways)",
-                       description="Without a subcommand: the same model and global batch trained as (a) the "
-                                   "plain loop, (b) raygpt with 1 worker, (c) raygpt with 2 workers, (d) torchrun "
+    p = sub.add_parser("bench", help="benchmarks that print figures (default: training, five ways)",
+                       description="Without a subcommand: the same model and global batch trained as (0) a bare "
+                                   "PyTorch loop, the ceiling, (a) the plain loop, (b) raygpt with 1 worker, (c) raygpt with 2 workers, (d) torchrun "
                                    "with 2 processes, interleaved; a table and one JSON object.")
     p.add_argument("--preset", default="tiny", help="tiny | small | gpt2-small (default tiny)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -66,7 +66,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=2, help="interleaved rounds (default 2)")
     p.add_argument("--data", default="data/stdlib", help="prepared data (default data/stdlib, prepared if missing)")
     p.add_argument("--address", help="Ray cluster for rows b and c (default: each starts a local Ray)")
-    p.add_argument("--rows", default="abcd", help="which rows to run (default abcd)")
+    p.add_argument("--rows", default="0abcd", help="which rows to run (default 0abcd; 0 is the bare PyTorch loop)")
     p.set_defaults(func=_run_bench_train)
     what = p.add_subparsers(dest="what")
     bp = what.add_parser("prepare", help="prepare's tokens/s vs a single-threaded encode loop")
@@ -84,8 +84,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _run_bench_train(args: argparse.Namespace) -> None:
     from raygpt.bench_train import bench_train
 
-    if not args.rows or set(args.rows) - set("abcd"):
-        raise UserError(f"--rows takes letters of abcd, got {args.rows!r}")
+    if not args.rows or set(args.rows) - set("0abcd"):
+        raise UserError(f"--rows takes characters of 0abcd, got {args.rows!r}")
     bench_train(args.preset, args.device, args.precision, args.compile, args.steps, args.repeats, args.data,
                 args.address, args.rows)
 

@@ -64,7 +64,7 @@ class TrainConfig:
     max_tokens: int | None = None
     grad_accum_steps: int = 1
     eval_freq: int = 5
-    # Evaluation (raygpt.loop.evaluate). spread: fixed windows spread evenly over each whole split,
+    # Evaluation (raygpt.evaluation.evaluate). spread: fixed windows spread evenly over each whole split,
     # eval_tokens per split per report (ceil(eval_tokens / context_len) windows, at most the split);
     # the last report's val loss reads final_eval_tokens (at least eval_tokens; null: the whole val
     # split). first: the original recipe's first eval_iter micro-batches of each split, in order.

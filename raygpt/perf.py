@@ -125,3 +125,15 @@ def device_peak(device: torch.device, precision: str, override_tflops: float | N
 
 def mfu(tokens_per_s_per_device: float, flops_per_token: float, peak: float | None) -> float | None:
     return tokens_per_s_per_device * flops_per_token / peak if peak else None
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak memory of this process so far, in MiB: its resident set on the host (`ru_maxrss`)
+    and, on a GPU, the most torch has held allocated on that device. What sizes a batch and a model
+    before renting larger machines."""
+    import resource
+
+    out = {"cpu_rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+    if device.type == "cuda":
+        out["gpu_memory_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out

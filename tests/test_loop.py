@@ -13,7 +13,9 @@ from raygpt.config import TrainConfig, load_config
 from raygpt.data import WindowDataset
 from raygpt.errors import UserError
 from raygpt.generate import load_model
-from raygpt.loop import build_optimizer, plan_steps, run_without_ray, spread_windows, step_seed
+from raygpt.evaluation import spread_windows
+from raygpt.loop import build_optimizer, plan_steps, run_without_ray
+from raygpt.step import step_seed
 from raygpt.model import GPTModel
 from raygpt.runs import read_events, read_metrics
 

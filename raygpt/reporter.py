@@ -1,0 +1,154 @@
+"""What a run says at each report: evaluate, check, log, sample, checkpoint, hand to the runtime.
+
+`Reporter` owns the metrics log rows, the progress marker, the throughput window (steps and
+seconds since the last report) and the checkpoint writes, so the loop only says "a step took this
+long" and "report now".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from raygpt import checkpoint as ckpt
+from raygpt import fastpath, perf, recovery, runs, storage
+from raygpt.config import Config
+from raygpt.errors import TrainingFailed
+from raygpt.evaluation import EvalSets, generate_sample
+from raygpt.schedule import warmup_cosine_lr
+
+
+class Reporter:
+    def __init__(self, cfg: Config, rt: Any, total_steps: int, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, evals: EvalSets, data_fingerprint: str | None,
+                 log_rows: list[dict[str, Any]], elapsed_before: float):
+        self.cfg, self.rt, self.total_steps = cfg, rt, total_steps
+        self.model, self.optimizer, self.evals = model, optimizer, evals
+        self.data_fingerprint, self.log_rows = data_fingerprint, log_rows
+        self.rank0 = rt.rank == 0
+        self.progress = recovery.ProgressMarker(rt.run_dir, rt.fit_id) if self.rank0 and rt.run_dir else None
+        precision = fastpath.resolve_precision(cfg.train.precision, rt.device)
+        self.flops_per_token = perf.model_flops_per_token(cfg.model)
+        self.peak = perf.device_peak(rt.device, precision, cfg.run.peak_tflops) if self.rank0 else None
+        self.elapsed_before = elapsed_before  # training seconds of the processes before this one
+        self.started = time.perf_counter()
+        self.window_steps, self.window_seconds = 0, 0.0
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + (time.perf_counter() - self.started)
+
+    def step_done(self, step: int, seconds: float) -> None:
+        self.window_steps += 1
+        self.window_seconds += seconds
+        if self.progress:
+            self.progress.step = step
+
+    def report(self, state: Any, save: bool, final: bool = False) -> dict[str, Any]:
+        """Evaluate (`final`: the larger final sample), log and (if `save`) checkpoint; throughput
+        over the steps since the last report. Called on every rank at the same steps."""
+        t, o, m = self.cfg.train, self.cfg.optim, self.cfg.model
+        steps, seconds = self.window_steps, self.window_seconds
+        self.window_steps, self.window_seconds = 0, 0.0
+        tokens_per_s = steps * t.batch_size * m.context_len / seconds if seconds > 0 else 0.0
+        metrics = {
+            "step": state.step, "epoch": state.epoch,
+            **self.evals.evaluate(_unwrap(self.model), final),
+            "lr": warmup_cosine_lr(max(state.step - 1, 0), self.total_steps, o.warmup_steps, o.initial_lr,
+                                   o.peak_lr, o.min_lr),
+            "tokens_seen": state.tokens_seen,
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": tokens_per_s / self.rt.world_size,
+            "step_time": seconds / steps if steps else 0.0,
+            "mfu": perf.mfu(tokens_per_s / self.rt.world_size, self.flops_per_token, self.peak) if steps else None,
+            **perf.peak_memory(self.rt.device),
+            "elapsed": self.elapsed(),
+            "wall_time": time.time(),  # when: start-up time is the step-0 row's minus the launch
+            "total_steps": self.total_steps,
+        }
+        # The losses are all-reduced, so every rank stops here together, before this state is
+        # sampled or saved.
+        for split in ("train", "val"):
+            if not math.isfinite(metrics[f"{split}_loss"]):
+                raise TrainingFailed(f"non-finite {split} loss ({metrics[f'{split}_loss']}) at step {state.step}: "
+                                     f"the weights overflowed and were not saved: lower optim.peak_lr")
+        if self.progress:
+            self.progress.flush()
+        if self.rank0:
+            sample = generate_sample(_plain(self.model), t.start_context, self.rt.device, t.seed)
+            self.rt.log(progress_line(metrics))
+            self.rt.log(f"  sample: {sample!r}")
+            if self.rt.run_dir:
+                self.log_rows.append({**metrics, "sample": sample})
+                runs.write_log(self.rt.run_dir, self.log_rows)
+        with contextlib.ExitStack() as stack:
+            folder = name = None
+            if save and self.rank0:
+                folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="raygpt-ckpt-"))
+                name = runs.unique_checkpoint_name(self.rt.run_dir, state.step)
+                ckpt.save_checkpoint(folder, self.model, self.optimizer,
+                                     self.checkpoint_state(state, metrics["elapsed"], metrics["val_loss"]))
+            self.rt.report(metrics, folder, name)
+        return metrics
+
+    def checkpoint_state(self, state: Any, elapsed: float, val_loss: float | None) -> dict[str, Any]:
+        return {**state.checkpoint_fields(self.cfg.train.batch_size), "elapsed": elapsed, "val_loss": val_loss,
+                "config": self.cfg.to_dict(), "data_fingerprint": self.data_fingerprint}
+
+    def save_before_exit(self, state: Any) -> None:
+        """SIGTERM: this rank writes the checkpoint itself (DDP replicas hold the same model and
+        optimizer state), straight into the run folder, then leaves; the restart resumes here."""
+        name = runs.unique_checkpoint_name(self.rt.run_dir, state.step)
+        with tempfile.TemporaryDirectory(prefix="raygpt-ckpt-") as folder:
+            ckpt.save_checkpoint(folder, self.model, self.optimizer, self.checkpoint_state(state, self.elapsed(), None))
+            if self.rt.run_dir:
+                storage.upload(folder, storage.join(self.rt.run_dir, name))
+        self.rt.log(f"SIGTERM on rank {self.rt.rank}: saved {name} at step {state.step} before exiting")
+        raise recovery.Preempted(f"rank {self.rt.rank} stopped by SIGTERM after saving {name}")
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.close()
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model without DDP around it (still compiled, if it was)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def _plain(model: torch.nn.Module) -> torch.nn.Module:
+    """The model without DDP and without torch.compile (generation's growing lengths would
+    recompile it at every token)."""
+    return getattr(_unwrap(model), "_orig_mod", _unwrap(model))
+
+
+def progress_line(m: dict[str, Any]) -> str:
+    """One line per report, `key value` fields split by ` | ` (the sample goes on its own line)."""
+    return (
+        f"step {m['step']:>6}/{m['total_steps']} | epoch {m['epoch']} | train {m['train_loss']:.3f} | "
+        f"val {m['val_loss']:.3f} | lr {m['lr']:.2e} | "
+        + (f"{m['tokens_per_s']:,.0f} tok/s ({m.get('tokens_per_s_per_device', m['tokens_per_s']):,.0f}/device, "
+           f"{m.get('step_time', 0) * 1000:.0f} ms/step, MFU {_percent(m.get('mfu'))}) | "
+           if m.get("step_time", 1) else "")
+        + f"{m['tokens_seen']:,} tokens | {m['elapsed']:.1f} s"
+        + (f" | final eval: {m['eval_tokens']:,} val tokens, {m['eval_time']:.1f} s" if m.get("final_eval")
+           else f" | eval {m['eval_time']:.1f} s" if "eval_time" in m else "")
+        + (f" | mem {_memory(m)}" if _memory(m) else "")
+    )
+
+
+def _memory(m: dict[str, Any]) -> str:
+    parts = []
+    if m.get("gpu_memory_peak_mb") is not None:
+        parts.append(f"{m['gpu_memory_peak_mb']:,.0f} MB GPU")
+    if m.get("cpu_rss_peak_mb") is not None:
+        parts.append(f"{m['cpu_rss_peak_mb']:,.0f} MB RSS")
+    return ", ".join(parts)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"

@@ -1,0 +1,77 @@
+"""One optimizer step of the recipe, shared by the training loop and the GPU check.
+
+`train_step` is everything between two batches: the lr for this step, the per-step seed (dropout
+draws from (seed, epoch, step, rank) alone, so a resumed run draws what an uninterrupted one
+would), micro-batches with DDP's `no_sync` on all but the last, autocast, backward, clipping
+(or only measuring the norm), a non-finite check before anything is applied, the AdamW step.
+Plain PyTorch: no Ray, no config object, no data set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from raygpt import fastpath
+from raygpt.errors import TrainingFailed
+from raygpt.schedule import clip_gradients, gradient_norm
+
+
+def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """Randomness of one step on one rank (dropout), from (seed, epoch, step, rank) alone, so a
+    resumed run draws exactly what an uninterrupted one would."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{step}/{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # the last micro-batch's loss (detached, on the device)
+    grad_norm: torch.Tensor  # the global gradient norm before clipping
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    lr: float,
+    seed: int,
+    max_norm: float | None,
+    grad_accum_steps: int = 1,
+    device: torch.device = torch.device("cpu"),
+    precision: str = "fp32",
+    step_label: str = "",
+) -> StepResult:
+    """One optimizer step over `grad_accum_steps` micro-batches from `batches`; clip to
+    `max_norm` (None: measure the norm only). A non-finite gradient norm raises TrainingFailed
+    before the optimizer runs, so the weights stay as they were (`step_label` names the step)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    torch.manual_seed(seed)
+    for micro in range(grad_accum_steps):
+        x, y = next(batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        last = micro == grad_accum_steps - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with fastpath.autocast(device, precision):
+                loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            (loss / grad_accum_steps).backward()
+    norm = clip_gradients(model.parameters(), max_norm) if max_norm is not None else gradient_norm(model.parameters())
+    # With DDP the gradients are all-reduced, so every rank sees the same norm and stops together.
+    # One host sync per step; a device-side flag would let the bad step be applied first.
+    value = norm.item()
+    if not math.isfinite(value):
+        raise TrainingFailed(f"non-finite gradient norm ({value}) at {step_label or 'this step'} "
+                             f"(loss {loss.item():.4g}); nothing of this step was applied or saved: "
+                             f"lower optim.peak_lr, or check the data")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss.detach(), norm)
