@@ -53,7 +53,7 @@ class OptimConfig:
     max_norm: float = 1.0
     clip_during_warmup: bool = False  # the recipe clips only once warmup is over
     decay_matrices_only: bool = False  # the recipe decays every parameter
-    fused: bool | None = None  # fused AdamW kernel; null: on GPUs (raygpt.fastpath)
+    fused: bool | None = None  # fused AdamW kernel; null: on GPUs and CPUs (raygpt.fastpath)
 
 
 @dataclass
