@@ -19,17 +19,41 @@ from raygpt.errors import UserError
 WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
-def start_ray(address: str | None) -> None:
-    """Join the cluster at `address` ("auto" or host:port), or start an embedded local Ray."""
+def start_ray(address: str | None, log=print) -> None:
+    """Join the cluster at `address` ("auto" or host:port); with none, join the local Ray that
+    `ray start` left running (saying so), or else start an embedded one ("local": always that)."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    running = running_local_ray() if address is None else None
+    if address in (None, "local") and running is None:
+        # A Ray that raygpt starts for itself on this machine has no spot preemption to watch:
+        # Ray Train's PreemptionWatcher would be one more process (started as the first steps
+        # run) and an error line on every run. Ray Train passes this on to its controller.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     try:
-        ray.init(address=address, log_to_driver=True, configure_logging=False)
+        # "local" when nothing runs: a ray_current_cluster file left by a head that is gone would
+        # otherwise make ray.init wait on a dead address.
+        ray.init(address=address or running or "local", log_to_driver=True, configure_logging=False)
     except ConnectionError as exc:
         raise UserError(f"cannot connect to a Ray cluster at {address!r}: {exc}") from None
+    if running is not None:
+        log(f"joined the running Ray at {running} (--address local starts a private one instead)")
+
+
+def running_local_ray() -> str | None:
+    """The Ray that `ray.init()` with no address would join: RAY_ADDRESS, or the head that
+    `ray start` recorded in <tmp>/ray/ray_current_cluster if a raylet of that head still runs
+    here; None when there is none (a file whose head is gone is stale). Private: Ray's own
+    lookup; no public API says whether `ray.init()` will join or start."""
+    from ray._private.services import find_bootstrap_address, find_gcs_addresses
+
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    recorded = find_bootstrap_address(None)
+    return recorded if recorded and recorded in find_gcs_addresses() else None
 
 
 def worker_resources(cfg: Config) -> dict[str, float]:

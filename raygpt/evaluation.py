@@ -106,7 +106,12 @@ def generate_sample(model: torch.nn.Module, prompt: str, device: torch.device, s
 class EvalSets:
     """What a report evaluates: train windows and non-overlapping val windows, either spread over
     each whole split (the last report reads `final_eval_tokens` of val) or, with
-    `train.eval_mode: first`, each worker's first `eval_iter` micro-batches of its share."""
+    `train.eval_mode: first`, each worker's first `eval_iter` micro-batches of its share.
+
+    The step-0 report of a new run (`initial`) reads one global batch of spread windows per
+    split: an untrained model's loss is ln(vocabulary) to within noise anywhere, and a full eval
+    there (65,536 tokens per split by default: a minute for the tiny model on 2 CPU cores) would
+    be most of the start-up."""
 
     def __init__(self, cfg: Config, train_ds: WindowDataset, val_ds: WindowDataset, micro_batch: int, rt: Any):
         t, m = cfg.train, cfg.model
@@ -116,6 +121,7 @@ class EvalSets:
         self.datasets = {"train": train_ds, "val": val_ds}
         self.loaders: dict[str, DataLoader] = {}
         self.windows: dict[tuple[str, bool], list[int]] = {}
+        self.initial: dict[str, list[int]] = {}
         if t.eval_mode == "first":
             for split, ds in self.datasets.items():
                 es = DistributedSampler(ds, num_replicas=rt.world_size, rank=rt.rank, shuffle=False)
@@ -127,8 +133,11 @@ class EvalSets:
                                          ("val", True, final_tokens)):
                 n = len(self.datasets[split])
                 self.windows[split, final] = spread_windows(n, eval_window_count(tokens, m.context_len, n))
+            for split in ("train", "val"):
+                n = len(self.datasets[split])
+                self.initial[split] = spread_windows(n, min(t.batch_size, len(self.windows[split, False])))
 
-    def evaluate(self, model: torch.nn.Module, final: bool) -> dict[str, Any]:
+    def evaluate(self, model: torch.nn.Module, final: bool, initial: bool = False) -> dict[str, Any]:
         """Train and val loss, the tokens each read, the seconds both took, and whether this was
         the final eval (its larger val sample)."""
         t0, out = time.perf_counter(), {}
@@ -136,7 +145,7 @@ class EvalSets:
             if self.mode == "first":
                 out[split] = evaluate_first(model, self.loaders[split], self.eval_iter, self.rt, self.precision)
             else:
-                windows = self.windows[split, final and split == "val"]
+                windows = self.initial[split] if initial else self.windows[split, final and split == "val"]
                 out[split] = evaluate(model, ds, windows, self.micro_batch, self.rt, self.precision)
         return {"train_loss": out["train"][0], "val_loss": out["val"][0],
                 "eval_tokens": out["val"][1] * self.context_len, "train_eval_tokens": out["train"][1] * self.context_len,

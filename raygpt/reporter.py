@@ -57,7 +57,7 @@ class Reporter:
         tokens_per_s = steps * t.batch_size * m.context_len / seconds if seconds > 0 else 0.0
         metrics = {
             "step": state.step, "epoch": state.epoch,
-            **self.evals.evaluate(_unwrap(self.model), final),
+            **self.evals.evaluate(_unwrap(self.model), final, initial=state.step == 0),
             "lr": warmup_cosine_lr(max(state.step - 1, 0), self.total_steps, o.warmup_steps, o.initial_lr,
                                    o.peak_lr, o.min_lr),
             "tokens_seen": state.tokens_seen,

@@ -100,6 +100,10 @@ def test_run_lowers_loss_and_writes_checkpoints_and_metrics(data_dir, tmp_path):
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 1.0
     assert final["step"] == 12 and final["tokens_seen"] == 12 * 8 * 16
     assert {"train_loss", "val_loss", "lr", "tokens_per_s", "elapsed", "epoch", "sample"} <= set(rows[-1])
+    assert all(r["cpu_rss_peak_mb"] > 50 for r in rows)  # peak memory in every report
+    # step 0 reads one global batch of windows per split (8 x 16 tokens), the others eval_tokens
+    assert [r["eval_tokens"] for r in rows] == [128, 256, 256, 1024]
+    assert rows[0]["train_eval_tokens"] == 128 and rows[1]["train_eval_tokens"] == 256
     state = json.loads((tmp_path / "run" / "checkpoint_0000012" / "state.json").read_text())
     assert state["step"] == 12 and state["samples_consumed"] == 96 and state["config"]["model"]["embedding_dim"] == 32
 
@@ -198,8 +202,8 @@ def test_final_val_loss_is_the_whole_split_loss_and_first_batches_are_not(prose_
     rows = read_metrics(str(tmp_path / "spread"))
     assert [r["step"] for r in rows] == [0, 4, 8, 12]
     assert [r["final_eval"] for r in rows] == [False, False, False, True]
-    assert [r["eval_tokens"] for r in rows] == [2048, 2048, 2048, 4096]
-    assert [r["train_eval_tokens"] for r in rows] == [2048] * 4  # the larger final sample is val's only
+    assert [r["eval_tokens"] for r in rows] == [128, 2048, 2048, 4096]  # step 0: one global batch
+    assert [r["train_eval_tokens"] for r in rows] == [128] + [2048] * 3  # the larger final sample is val's only
     assert all(r["eval_time"] > 0 for r in rows)
     lines = [line for line in out.splitlines() if line.startswith("step")]
     assert len(lines) == 4 and all(" | eval " in line for line in lines[:3])
@@ -246,9 +250,11 @@ def test_spread_eval_is_the_same_on_one_and_two_workers(prose_dir, tmp_path):
     one, two = read_metrics(str(tmp_path / "one")), read_metrics(str(tmp_path / "two"))
     assert [r["step"] for r in one] == [r["step"] for r in two] == [0, 2, 4]
     for a, b in zip(one, two):
-        # 63 windows (1,008 tokens), 188 at the end, split between the ranks and summed in float64.
-        assert a["eval_tokens"] == b["eval_tokens"] == (3008 if a["final_eval"] else 1008)
-        assert a["train_eval_tokens"] == b["train_eval_tokens"] == 1008
+        # 63 windows (1,008 tokens), 188 at the end, 8 (one global batch) at step 0, split between
+        # the ranks and summed in float64.
+        expected = 128 if a["step"] == 0 else 3008 if a["final_eval"] else 1008
+        assert a["eval_tokens"] == b["eval_tokens"] == expected
+        assert a["train_eval_tokens"] == b["train_eval_tokens"] == (128 if a["step"] == 0 else 1008)
         assert a["final_eval"] == b["final_eval"]
         for key in ("val_loss", "train_loss"):
             assert abs(a[key] - b[key]) <= 1e-6 * abs(a[key]), (key, a["step"], a[key], b[key])
