@@ -90,8 +90,11 @@ def measure(rows: list[dict[str, Any]], launched: float) -> dict[str, float]:
     tokens = sum(n * r["step_time"] * r["tokens_per_s"] for n, r in timed)
     devices = round(timed[0][1]["tokens_per_s"] / timed[0][1]["tokens_per_s_per_device"])
     mfus = [r["mfu"] for _, r in timed if r.get("mfu") is not None]
+    # Rank 0's peaks: one device's. The GPU's allocations when there is one, else the process's RSS.
+    memory = [r.get("gpu_memory_peak_mb", r.get("cpu_rss_peak_mb")) for r in rows]
     return {"tokens_per_s": tokens / seconds, "tokens_per_s_per_device": tokens / seconds / devices,
-            "mfu": statistics.mean(mfus) if mfus else None, "startup_s": rows[0]["wall_time"] - launched}
+            "mfu": statistics.mean(mfus) if mfus else None, "startup_s": rows[0]["wall_time"] - launched,
+            "peak_memory_mb": max((m for m in memory if m is not None), default=None)}
 
 
 def _refresh_cpu_peaks(precision: str, thread_counts: list[int]) -> None:
@@ -160,18 +163,21 @@ def report(results: dict[str, list[dict[str, float]]], preset: str, device: str,
                            "compile": compile_model, "steps": steps, "repeats": repeats, "threads": threads}
     for row in results:
         out[row] = {"name": ROWS[row], **{k: median(row, k) for k in
-                                          ("tokens_per_s", "tokens_per_s_per_device", "mfu", "startup_s")}}
+                                          ("tokens_per_s", "tokens_per_s_per_device", "mfu", "startup_s",
+                                           "peak_memory_mb")}}
     for ratio, (top, bottom) in RATIOS.items():
         have = top in results and bottom in results
         out[ratio] = round(out[top]["tokens_per_s"] / out[bottom]["tokens_per_s"], 3) if have else None
     print(f"train benchmark: {preset}, {device} {precision}{' compiled' if compile_model else ''}, {steps} steps, "
           f"median of {repeats} interleaved rounds, {threads} CPU threads")
-    print(f"  {'':<3}{'':<26}{'tokens/s':>12}{'per device':>12}{'MFU':>8}{'start-up':>10}")
+    memory = "GPU MB" if device == "cuda" else "RSS MB"
+    print(f"  {'':<3}{'':<26}{'tokens/s':>12}{'per device':>12}{'MFU':>8}{'start-up':>10}{memory:>10}")
     for row in results:
         r = out[row]
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+        mem = f"{r['peak_memory_mb']:,.0f}" if r["peak_memory_mb"] is not None else "n/a"
         print(f"  {row:<3}{r['name']:<26}{r['tokens_per_s']:>12,.0f}{r['tokens_per_s_per_device']:>12,.0f}"
-              f"{mfu:>8}{r['startup_s']:>9.1f}s")
+              f"{mfu:>8}{r['startup_s']:>9.1f}s{mem:>10}")
     for ratio in RATIOS:
         print(f"  {ratio}: {out[ratio] if out[ratio] is not None else 'n/a'}")
     print(json.dumps(out))

@@ -20,15 +20,22 @@ def test_measure_skips_the_warm_up_window_and_weights_windows_by_time():
     rows = [
         {"step": 0, "wall_time": 105.0, "mfu": None, "step_time": 0.0, "tokens_per_s": 0.0, "tokens_per_s_per_device": 0.0},
         {"step": 2, "mfu": 0.01, "step_time": 5.0, "tokens_per_s": 10.0, "tokens_per_s_per_device": 5.0},  # warm-up
-        {"step": 4, "mfu": 0.2, "step_time": 1.0, "tokens_per_s": 100.0, "tokens_per_s_per_device": 50.0},
-        {"step": 8, "mfu": 0.4, "step_time": 0.5, "tokens_per_s": 200.0, "tokens_per_s_per_device": 100.0},
+        {"step": 4, "mfu": 0.2, "step_time": 1.0, "tokens_per_s": 100.0, "tokens_per_s_per_device": 50.0,
+         "cpu_rss_peak_mb": 900.0},
+        {"step": 8, "mfu": 0.4, "step_time": 0.5, "tokens_per_s": 200.0, "tokens_per_s_per_device": 100.0,
+         "cpu_rss_peak_mb": 800.0},
     ]
     m = measure(rows, launched=100.0)
     # windows after the first: 2 steps x 1 s at 100 tok/s, 4 steps x 0.5 s at 200 tok/s -> 600 / 4
-    assert m == {"tokens_per_s": 150.0, "tokens_per_s_per_device": 75.0, "mfu": pytest.approx(0.3), "startup_s": 5.0}
+    assert m == {"tokens_per_s": 150.0, "tokens_per_s_per_device": 75.0, "mfu": pytest.approx(0.3), "startup_s": 5.0,
+                 "peak_memory_mb": 900.0}
+    gpu = [{**r, "gpu_memory_peak_mb": 5000.0} for r in rows]
+    assert measure(gpu, launched=100.0)["peak_memory_mb"] == 5000.0
 
 
 def test_rows_are_the_commands_a_user_types(tmp_path):
+    zero, _ = row_command("0", "c.yaml", "/s/00", 2, None)
+    assert zero[1:] == ["-m", "raygpt.bench_bare", "c.yaml", "/s/00", "2"]
     a, _ = row_command("a", "c.yaml", "a0", 2, None)
     assert a[1:5] == ["-m", "raygpt", "train", "--config"] and "--no-ray" in a and "run.cpus_per_worker=2" in a
     c, _ = row_command("c", "c.yaml", "c0", 2, "127.0.0.1:1")
@@ -41,16 +48,16 @@ def test_rows_are_the_commands_a_user_types(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_runs_all_four_rows_and_prints_the_json(ray_address, tmp_path, run_cli):
+def test_bench_runs_all_five_rows_and_prints_the_json(ray_address, tmp_path, run_cli):
     data = make_corpus(tmp_path)
     code, out, err = run_cli("bench", "--preset", "tiny", "--steps", "4", "--repeats", "1", "--data", str(data),
                              "--address", ray_address)
     assert code == 0, err
     result = json.loads(out.strip().splitlines()[-1])
-    for row in "abcd":
+    for row in "0abcd":
         r = result[row]
-        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["startup_s"] > 0, r
-    assert result["b/a"] > 0 and result["c/d"] > 0
+        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["startup_s"] > 0 and r["peak_memory_mb"] > 50, r
+    assert result["a/0"] > 0 and result["b/a"] > 0 and result["c/d"] > 0
     assert "b/a:" in out and "torchrun, 2 processes" in out
 
 
@@ -65,3 +72,22 @@ def test_the_gpu_check_script_runs_on_cpu_with_only_torch_and_the_package():
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert result["tokens_per_s"] > 0 and 0 < result["mfu"] < 1 and result["parameters"] > 13_000_000
     assert result["loss_last"] == result["loss_last"]  # finite
+
+
+def test_the_bare_loop_row_times_windows_of_steps(tmp_path):
+    import yaml
+
+    from raygpt.runs import read_metrics
+
+    data = make_corpus(tmp_path)
+    cfg = bench_config("tiny", 4, "cpu", "fp32", False, str(data), str(tmp_path))
+    cfg["model"] = {"embedding_dim": 32, "num_layers": 2, "num_heads": 2, "context_len": 16, "dropout": 0.0}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    cmd, env = row_command("0", str(tmp_path / "c.yaml"), str(tmp_path / "00"), 1, None)
+    subprocess.run(cmd, env=env, check=True, timeout=300)
+    rows = read_metrics(str(tmp_path / "00"))
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]  # eval_freq = steps // 4 = 1
+    assert all(r["tokens_per_s"] > 0 and r["cpu_rss_peak_mb"] > 50 for r in rows[1:])
+    assert rows[-1]["loss"] < rows[1]["loss"]
+    m = measure(rows, launched=rows[0]["wall_time"] - 1.0)
+    assert m["tokens_per_s"] > 0 and m["startup_s"] == pytest.approx(1.0)
