@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(if $(TORCH),$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH))
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,plots,optuna]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,plots,optuna,hf]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -230,6 +230,20 @@ def _run_generate(args: argparse.Namespace) -> None:
     print(generate_text(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 folder (transformers loads it)")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder, a run folder (its newest), or a storage URI")
+    p.add_argument("--out", required=True, help="the folder to write (config.json, model.safetensors, tokenizer files)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    from raygpt.hf import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out)
+    print(f"exported {args.checkpoint} -> {out} (transformers: GPT2LMHeadModel.from_pretrained({str(out)!r}))")
+
+
 def _run_bench_tune(args: argparse.Namespace) -> None:
     from raygpt.bench import bench_tune
 
@@ -249,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tune(sub)
     _add_analyze(sub)
     _add_generate(sub)
+    _add_export(sub)
     _add_bench(sub)
     return parser
 

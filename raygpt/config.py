@@ -31,6 +31,9 @@ EVAL_MODES = ("spread", "first")
 class ModelConfig(GPTConfig):
     # A name from raygpt.model.PRESETS; keys set beside it override the preset's values.
     preset: str | None = None
+    # A local Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin)
+    # whose weights a new run starts from; its shape must be this section's (raygpt.hf).
+    init_from: str | None = None
 
 
 @dataclass

@@ -256,6 +256,12 @@ def _restore_into(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg:
     the state to continue from and the metrics log rows up to it (plus the restart event)."""
     restored = _restore(rt, cfg)
     if restored is None:
+        if cfg.model.init_from:  # a new run from Hugging Face weights (every rank reads the same file)
+            from raygpt import hf
+
+            hf.load_into(model, cfg.model.init_from)
+            if rt.rank == 0:
+                rt.log(f"initialised from {cfg.model.init_from}")
         return TrainState(), []
     loaded, uri = restored
     ckpt.check_same_shape(loaded["state"]["config"]["model"], cfg.model, uri)

@@ -185,6 +185,10 @@ def preflight(cfg: Config, resume: str | None = None, log=print, hash_shards: bo
     manifest = load_manifest(data_dir)  # read once for every check below
     check_shards(manifest, data_dir, full=hash_shards)
     plan = plan_for(cfg, data_dir, manifest)
+    if cfg.model.init_from and not resume:
+        from raygpt.hf import check_init_from
+
+        check_init_from(cfg.model)
     if resume:
         paths = resume_paths(resume, cfg.run.storage_path)
         _check_resume(paths, cfg, log, manifest)
@@ -208,7 +212,8 @@ def _fit(cfg: Config, paths: RunPaths, plan: StepPlan, data_dir: str, address: s
     cluster.start_ray(address)
     cluster.check_resources(cfg, log)
     storage.write_text(storage.join(paths.uri, CONFIG_FILE), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    cluster.check_paths_on_nodes({"data.dir": data_dir, "run folder": paths.uri})
+    cluster.check_paths_on_nodes({"data.dir": data_dir, "run folder": paths.uri,
+                                  **({"model.init_from": cfg.model.init_from} if cfg.model.init_from else {})})
     log(f"run {paths.name}: {cfg.run.num_workers} workers, {plan.total_steps} steps of "
         f"{cfg.train.batch_size} x {cfg.model.context_len} tokens -> {paths.uri}")
 

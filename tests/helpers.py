@@ -81,3 +81,11 @@ def search_raw(data_dir: Path | str, storage: Path | str, space: dict | None = N
     return {**base, "search": space or {"optim.peak_lr": {"grid": [0.0001, 0.002, 0.005, 0.03]},
                                         "train.batch_size": {"grid": [4, 8]}},
             "tune": {"grace_period": 2, "reduction_factor": 2, "max_concurrent_trials": 2, **tune}}
+
+
+def one_line_error(run_cli, *args) -> str:
+    """The error of a `raygpt` command that must fail on bad input: exit 2, one line, no traceback."""
+    code, out, err = run_cli(*args)
+    assert code == 2, (out, err)
+    assert err.startswith("raygpt: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err

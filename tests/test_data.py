@@ -12,6 +12,8 @@ from raygpt.data import WindowDataset, is_val_document, num_windows, prepare, re
 from raygpt.errors import UserError
 from raygpt.tokenizer import EOT_TOKEN, gpt2_encoding
 
+from helpers import one_line_error
+
 DOCS = [
     "The quick brown fox jumps over the lazy dog.",
     "def add(a, b):\n    return a + b\n",
@@ -312,27 +314,20 @@ def test_a_rebuild_killed_between_its_renames_gets_the_old_folder_back(tmp_path)
 # ----------------------------------------------------------------------------- bad input, via the CLI
 
 
-def _one_line_error(run_cli, *args):
-    code, out, err = run_cli(*args)
-    assert code == 2, (out, err)
-    assert err.startswith("raygpt: error: ") and err.count("\n") == 1 and "Traceback" not in err
-    return err
-
-
 def test_cli_missing_path(run_cli, tmp_path):
-    err = _one_line_error(run_cli, "prepare", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o"))
+    err = one_line_error(run_cli, "prepare", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o"))
     assert "input path does not exist" in err and "nope.txt" in err
 
 
 def test_cli_glob_matching_nothing(run_cli, tmp_path):
-    err = _one_line_error(run_cli, "prepare", str(tmp_path / "*.jsonl"), "--out", str(tmp_path / "o"))
+    err = one_line_error(run_cli, "prepare", str(tmp_path / "*.jsonl"), "--out", str(tmp_path / "o"))
     assert "glob matches no file" in err
 
 
 def test_cli_empty_corpus(run_cli, tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "blank.jsonl").write_text("\n\n")
-    err = _one_line_error(run_cli, "prepare", str(tmp_path / "empty.txt"), str(tmp_path / "blank.jsonl"),
+    err = one_line_error(run_cli, "prepare", str(tmp_path / "empty.txt"), str(tmp_path / "blank.jsonl"),
                           "--out", str(tmp_path / "o"))
     assert "empty corpus" in err
     assert not (tmp_path / "o").exists()
@@ -341,26 +336,26 @@ def test_cli_empty_corpus(run_cli, tmp_path):
 def test_cli_bad_jsonl_line_names_file_and_line(run_cli, tmp_path):
     src = tmp_path / "c.jsonl"
     src.write_text('{"text": "ok"}\n{"text": "ok too"}\n{"text": broken\n')
-    err = _one_line_error(run_cli, "prepare", str(src), "--out", str(tmp_path / "o"))
+    err = one_line_error(run_cli, "prepare", str(src), "--out", str(tmp_path / "o"))
     assert f"{src}:3: not valid JSON" in err
 
 
 def test_cli_jsonl_without_text_field(run_cli, tmp_path):
     src = tmp_path / "c.jsonl"
     src.write_text('{"content": "x"}\n')
-    err = _one_line_error(run_cli, "prepare", str(src), "--out", str(tmp_path / "o"))
+    err = one_line_error(run_cli, "prepare", str(src), "--out", str(tmp_path / "o"))
     assert f"{src}:1: expected a JSON object with a string 'text' field" in err
 
 
 def test_cli_parquet_without_text_column_names_its_columns(run_cli, tmp_path):
     pq.write_table(pa.table({"id": [1], "body": ["x"]}), tmp_path / "c.parquet")
-    err = _one_line_error(run_cli, "prepare", str(tmp_path / "c.parquet"), "--out", str(tmp_path / "o"))
+    err = one_line_error(run_cli, "prepare", str(tmp_path / "c.parquet"), "--out", str(tmp_path / "o"))
     assert "no 'text' column (columns: id, body)" in err
 
 
 def test_cli_corpus_too_small_for_one_window(run_cli, tmp_path):
     (tmp_path / "a.txt").write_text("just a few tokens")
-    err = _one_line_error(run_cli, "prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "o"),
+    err = one_line_error(run_cli, "prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "o"),
                           "--context-len", "64")
     assert "corpus too small" in err and "context_len + 1 = 65" in err
     assert not (tmp_path / "o").exists()
@@ -368,12 +363,12 @@ def test_cli_corpus_too_small_for_one_window(run_cli, tmp_path):
 
 def test_cli_unsupported_file_type(run_cli, tmp_path):
     (tmp_path / "a.csv").write_text("x")
-    err = _one_line_error(run_cli, "prepare", str(tmp_path / "a.csv"), "--out", str(tmp_path / "o"))
+    err = one_line_error(run_cli, "prepare", str(tmp_path / "a.csv"), "--out", str(tmp_path / "o"))
     assert "unsupported input" in err
 
 
 def test_cli_nothing_to_prepare(run_cli):
-    assert "nothing to prepare" in _one_line_error(run_cli, "prepare")
+    assert "nothing to prepare" in one_line_error(run_cli, "prepare")
 
 
 def test_undecodable_bytes_are_replaced_and_counted(run_cli, tmp_path):
@@ -403,18 +398,18 @@ def test_cli_prepare_with_config_uses_its_data_dir(run_cli, tmp_path):
 ])
 def test_cli_zero_or_negative_sizes_are_refused_not_replaced(run_cli, tmp_path, option, value, said):
     (tmp_path / "a.txt").write_text(DOCS[0] * 5)
-    err = _one_line_error(run_cli, "prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "d"), option, value)
+    err = one_line_error(run_cli, "prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "d"), option, value)
     assert said in err
 
 
 def test_cli_parquet_text_column_of_numbers(run_cli, tmp_path):
     pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "ints.parquet")
-    err = _one_line_error(run_cli, "prepare", str(tmp_path / "ints.parquet"), "--out", str(tmp_path / "d"))
+    err = one_line_error(run_cli, "prepare", str(tmp_path / "ints.parquet"), "--out", str(tmp_path / "d"))
     assert "parquet column 'text' holds int64, expected strings" in err
 
 
 def test_cli_out_that_cannot_be_written(run_cli, tmp_path):
     (tmp_path / "a.txt").write_text(DOCS[0] * 5)
     (tmp_path / "file").write_text("not a folder")
-    err = _one_line_error(run_cli, "prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "file" / "d"))
+    err = one_line_error(run_cli, "prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "file" / "d"))
     assert f"cannot write --out {tmp_path / 'file' / 'd'}" in err

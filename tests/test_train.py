@@ -15,7 +15,7 @@ from raygpt.loop import run_without_ray
 from raygpt.runs import read_metrics
 from raygpt.train import train
 
-from helpers import make_corpus, tiny_config
+from helpers import make_corpus, one_line_error, tiny_config
 
 BIN = Path(sys.executable).parent
 
@@ -28,13 +28,6 @@ def data_dir(tmp_path_factory):
 def write_config(path: Path, cfg) -> Path:
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     return path
-
-
-def one_line_error(run_cli, *args) -> str:
-    code, out, err = run_cli(*args)
-    assert code == 2, (out, err)
-    assert err.startswith("raygpt: error: ") and err.count("\n") == 1 and "Traceback" not in err
-    return err
 
 
 # ----------------------------------------------------------------------------- bad input (no Ray needed)
