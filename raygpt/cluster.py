@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from raygpt import storage
 from raygpt.config import Config
@@ -27,12 +28,13 @@ def start_ray(address: str | None, log=print) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # raygpt saves a checkpoint on SIGTERM itself; Ray Train's PreemptionWatcher is one more
+    # process per run and prints an error line on every run in Ray 2.60 ("constructor arguments
+    # in the object store"). Ray Train passes this on to its controller. =1 keeps it.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    if not sys.stdout.isatty():  # piped, or a job's log: worker lines without colour codes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     running = running_local_ray() if address is None else None
-    if address in (None, "local") and running is None:
-        # A Ray that raygpt starts for itself on this machine has no spot preemption to watch:
-        # Ray Train's PreemptionWatcher would be one more process (started as the first steps
-        # run) and an error line on every run. Ray Train passes this on to its controller.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     try:
         # "local" when nothing runs: a ray_current_cluster file left by a head that is gone would
         # otherwise make ray.init wait on a dead address.

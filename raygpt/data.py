@@ -44,6 +44,7 @@ SUFFIXES = (".txt", ".jsonl", ".parquet")
 SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 1 << 25  # 32 Mi tokens = 64 MiB per shard
 WORK_UNIT_CHARS = 1 << 18  # texts batched per tokenizer task: fewer futures, still balanced
+PROGRESS_LINE_S = 30.0  # a progress line this often when there is no terminal for a bar
 
 
 def num_windows(num_tokens: int, context_len: int, stride: int) -> int:
@@ -472,7 +473,8 @@ def prepare(
     except OSError as exc:
         raise UserError(f"cannot write --out {out}: {exc.strerror} ({exc.filename or out.parent})") from None
     try:
-        manifest = _tokenize_to(tmp, files, root, described, options, val_fraction, shard_tokens, threads, progress)
+        manifest = _tokenize_to(tmp, files, root, described, options, val_fraction, shard_tokens, threads, progress,
+                                log)
         _check_windows(manifest, context_len)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if foreign:
@@ -549,8 +551,10 @@ def _recover_interrupted_swap(out: Path, log) -> None:
 
 def _tokenize_to(
     folder: Path, files: list[Path], root: Path | None, described: str, options: dict[str, Any],
-    val_fraction: float, shard_tokens: int, threads: int, progress: bool | None,
+    val_fraction: float, shard_tokens: int, threads: int, progress: bool | None, log=print,
 ) -> dict[str, Any]:
+    """Tokenize `files` into shards in `folder`: a progress bar on a terminal, a line every
+    PROGRESS_LINE_S seconds when not (a job's log, a pipe)."""
     from tqdm import tqdm
 
     start = time.perf_counter()
@@ -566,10 +570,19 @@ def _tokenize_to(
             bar.update(path.stat().st_size if path.suffix == ".parquet" else stats.bytes_read - before)
 
     writers = {split: _SplitWriter(folder, split, shard_tokens) for split in SPLITS}
-    count = 0
+    count, tokens_done, last_line = 0, 0, start
     for count, tokens in enumerate(_tokenize_parallel(documents(), threads), start=1):
         split = "val" if is_val_document(count - 1, val_fraction) else "train"
         writers[split].add(tokens)
+        tokens_done += len(tokens)
+        now = time.perf_counter()
+        if not bar.disable and now - last_line >= 1.0:
+            last_line = now
+            bar.set_postfix_str(f"{tokens_done / (now - start):,.0f} tokens/s", refresh=False)
+        elif bar.disable and now - last_line >= PROGRESS_LINE_S:
+            last_line = now
+            log(f"prepare: {stats.bytes_read / 1e6:,.1f} of {total_bytes / 1e6:,.1f} MB read, {tokens_done:,} tokens, "
+                f"{tokens_done / (now - start):,.0f} tokens/s")
     bar.close()
     if count == 0:
         raise UserError(f"empty corpus: no text in {described}")

@@ -21,6 +21,7 @@ from raygpt.config import Config
 from raygpt.errors import TrainingFailed
 from raygpt.evaluation import EvalSets, generate_sample
 from raygpt.schedule import warmup_cosine_lr
+from raygpt.tensorboard_log import TensorBoardLog
 
 
 class Reporter:
@@ -32,6 +33,7 @@ class Reporter:
         self.data_fingerprint, self.log_rows = data_fingerprint, log_rows
         self.rank0 = rt.rank == 0
         self.progress = recovery.ProgressMarker(rt.run_dir, rt.fit_id) if self.rank0 and rt.run_dir else None
+        self.tensorboard = TensorBoardLog(rt.run_dir, log_rows) if self.rank0 and rt.run_dir else None
         precision = fastpath.resolve_precision(cfg.train.precision, rt.device)
         self.flops_per_token = perf.model_flops_per_token(cfg.model)
         self.peak = perf.device_peak(rt.device, precision, cfg.run.peak_tflops) if self.rank0 else None
@@ -85,6 +87,7 @@ class Reporter:
             if self.rt.run_dir:
                 self.log_rows.append({**metrics, "sample": sample})
                 runs.write_log(self.rt.run_dir, self.log_rows)
+                self.tensorboard.add(metrics)
         with contextlib.ExitStack() as stack:
             folder = name = None
             if save and self.rank0:
@@ -113,6 +116,8 @@ class Reporter:
     def close(self) -> None:
         if self.progress:
             self.progress.close()
+        if self.tensorboard:
+            self.tensorboard.close()
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

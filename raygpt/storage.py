@@ -59,17 +59,22 @@ def read_text(uri: str) -> str:
 def write_text(uri: str, text: str) -> None:
     """Write a small file whole (object stores have no append); local writes are atomic, under a
     temporary name of this process (two writers never share one)."""
+    write_bytes(uri, text.encode())
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """`write_text` for bytes."""
     fs, path = filesystem(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     if not isinstance(fs, pafs.LocalFileSystem):
         with fs.open_output_stream(path) as f:
-            f.write(text.encode())
+            f.write(data)
         return
     parent, name = os.path.split(path)
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(name), dir=parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(text.encode())
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -413,3 +413,12 @@ def test_cli_out_that_cannot_be_written(run_cli, tmp_path):
     (tmp_path / "file").write_text("not a folder")
     err = one_line_error(run_cli, "prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "file" / "d"))
     assert f"cannot write --out {tmp_path / 'file' / 'd'}" in err
+
+
+def test_without_a_terminal_prepare_prints_progress_lines(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "PROGRESS_LINE_S", 0.0)
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS * 20))
+    said = []
+    prepare([str(tmp_path / "a.jsonl")], tmp_path / "out", context_len=4, progress=False, log=said.append)
+    lines = [line for line in said if line.startswith("prepare: ")]
+    assert len(lines) >= 10 and all(" MB read, " in line and line.endswith(" tokens/s") for line in lines)

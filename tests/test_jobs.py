@@ -67,6 +67,12 @@ def test_pretrain_job_succeeds_and_leaves_its_run_in_the_storage(ray_head, data_
                    for a in ("--set", o)], runtime_env=("--runtime-env", "jobs/runtime_env.yaml"))
     status, logs = wait(ray_head, job)
     assert status == "SUCCEEDED", logs[-3000:]
+    # Read by people and scripts: no colour codes, no Ray error line on a healthy run, one line
+    # per report with the sample on its own line.
+    assert not ANSI.search(logs) and "PreemptionWatcher" not in logs, logs[-3000:]
+    reports = [line for line in logs.splitlines() if re.search(r"(^|\) )step +\d+/\d+ \|", line)]
+    samples = [line for line in logs.splitlines() if "  sample: " in line]
+    assert len(reports) == len(samples) == 4
     status = ray_cli(ray_head, "job", "status", job).stdout
     assert f"Job '{job}' succeeded" in status, status
     logs = ray_cli(ray_head, "job", "logs", job).stdout
