@@ -244,6 +244,29 @@ def _run_export(args: argparse.Namespace) -> None:
     print(f"exported {args.checkpoint} -> {out} (transformers: GPT2LMHeadModel.from_pretrained({str(out)!r}))")
 
 
+def _add_runs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("runs", help="list the runs and searches in a storage folder: status, steps, best val loss")
+    p.add_argument("storage", nargs="?", default="runs",
+                   help="a storage folder or URI, e.g. s3://bucket/raygpt/runs (default: runs, as run.storage_path)")
+    p.add_argument("--json", action="store_true", help="print one JSON array (for scripts) instead of the table")
+    p.set_defaults(func=_run_runs)
+
+
+def _run_runs(args: argparse.Namespace) -> None:
+    import json
+
+    from raygpt import storage
+    from raygpt.listing import format_table, list_runs
+
+    entries = list_runs(args.storage)
+    if args.json:
+        print(json.dumps(entries, indent=1))
+    elif entries:
+        print(format_table(entries))
+    else:
+        print(f"no runs in {storage.resolve_storage(args.storage)}")
+
+
 def _run_bench_tune(args: argparse.Namespace) -> None:
     from raygpt.bench import bench_tune
 
@@ -264,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analyze(sub)
     _add_generate(sub)
     _add_export(sub)
+    _add_runs(sub)
     _add_bench(sub)
     return parser
 

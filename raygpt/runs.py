@@ -186,6 +186,11 @@ class Lease:
             return None
         return lease if isinstance(lease, dict) else None
 
+    def live_holder(self) -> dict[str, Any] | None:
+        """The lease if its owner looks alive (the test `acquire` makes before refusing), else None."""
+        held = self.holder()
+        return held if held is not None and self._gone(held) is None else None
+
     def _gone(self, lease: dict[str, Any]) -> str | None:
         """Why the lease's owner is gone, or None while it looks alive."""
         age = time.time() - float(lease.get("heartbeat", 0) or 0)
