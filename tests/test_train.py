@@ -297,6 +297,8 @@ def test_two_workers_via_the_cli_follow_the_one_worker_curve(ray_address, data_d
                           capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_AUTH_MODE": "token"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step     12/12" in proc.stdout + proc.stderr and "plot:" in proc.stdout
+    # A piped run: no colour codes, no Ray error line on a healthy run.
+    assert "\x1b[" not in proc.stdout + proc.stderr and "PreemptionWatcher" not in proc.stdout + proc.stderr
     ref, two = read_metrics(str(one / "ref")), read_metrics(str(tmp_path / "two"))
     assert [r["step"] for r in two] == [r["step"] for r in ref]
     assert two[-1]["val_loss"] < two[0]["val_loss"] - 1.0
