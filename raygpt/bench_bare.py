@@ -1,7 +1,7 @@
 """Row 0 of `raygpt bench`: a bare PyTorch loop of the same model and global batch, the ceiling.
 
 No Ray, no DataLoader, no checkpoints, no evals: random windows cut from the memory-mapped train
-split, AdamW (fused where torch has it for the device), clipping at 1.0, the lr set per step.
+split, fused AdamW at the config's peak lr, clipping at 1.0.
 It times the same windows of steps as the other rows (`eval_freq` steps each) and writes them as
 metric rows, so `raygpt bench` measures all rows alike.
 
@@ -72,7 +72,7 @@ def bare_loop(config: str, run_dir: str, threads: int) -> None:
         tokens_per_s = steps * b * n / seconds
         rows.append({"step": first + steps, "wall_time": time.time(), "step_time": seconds / steps,
                      "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s,
-                     "mfu": perf.mfu(tokens_per_s, flops, peak), "loss": loss.item()})
+                     "mfu": perf.mfu(tokens_per_s, flops, peak), "loss": loss.item(), **perf.peak_memory(device)})
     runs.write_log(run_dir, rows)
 
 
