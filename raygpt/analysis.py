@@ -17,12 +17,12 @@ from typing import Any
 
 import yaml
 
-from raygpt import storage
+from raygpt import runs, storage
 from raygpt.errors import UserError
 from raygpt.runs import best_checkpoint, read_metrics
 from raygpt.search import SEARCH_FILE, TuneSettings, search_base, settings_from_dict, trial_config
 
-TABLE = "trials"  # .csv and .parquet
+TABLE = runs.TRIALS_TABLE  # .csv and .parquet
 BEST_CONFIG = "best_config.yaml"
 CURVES = "val_loss_curves.png"
 

@@ -252,10 +252,14 @@ def encode_document(text: str, max_chars: int = MAX_ENCODE_CHARS) -> np.ndarray:
     longer than `max_chars` is encoded in chunks (`text_chunks`) to bound the tokenizer's memory.
     """
     encoding = gpt2_encoding()
-    parts = [encoding.encode_to_numpy(chunk, disallowed_special=()).astype(np.uint16)
-             for chunk in text_chunks(text, max_chars)]
-    parts.append(np.array([EOT_ID], dtype=np.uint16))
-    return np.concatenate(parts)
+    parts = [encoding.encode_to_numpy(chunk, disallowed_special=()) for chunk in text_chunks(text, max_chars)]
+    out = np.empty(sum(len(p) for p in parts) + 1, dtype=np.uint16)  # one copy, into uint16
+    start = 0
+    for p in parts:
+        out[start:start + len(p)] = p
+        start += len(p)
+    out[-1] = EOT_ID
+    return out
 
 
 def _encode_unit(texts: list[str]) -> list[np.ndarray]:

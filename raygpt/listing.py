@@ -18,12 +18,11 @@ import yaml
 from raygpt import runs, storage
 from raygpt.errors import UserError
 
-# raygpt.search.SEARCH_FILE, written by tune.run_search (importing raygpt.search loads torch).
-SEARCH_FILE = "search.yaml"
+SEARCH_FILE = runs.SEARCH_FILE
 # tune.tune_trial trains each trial into <experiment>/train-<trial id>; Tune's own trial folders
 # beside them hold no raygpt files.
 TRIAL_RUN_PREFIX = "train-"
-TRIALS_TABLE = "trials.csv"  # raygpt.analysis.TABLE + ".csv"
+TRIALS_TABLE = runs.TRIALS_TABLE + ".csv"
 _RUN_FILES = {runs.CONFIG_FILE, runs.METRICS_FILE, runs.PROGRESS_FILE, runs.LEASE_FILE}
 
 

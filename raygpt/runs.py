@@ -34,6 +34,9 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 PROGRESS_FILE = "progress.json"
 LEASE_FILE = "lease.json"
+# An experiment folder (a search): its saved search, and the trial table written when it ends.
+SEARCH_FILE = "search.yaml"
+TRIALS_TABLE = "trials"  # .csv and .parquet (raygpt.analysis)
 
 # ----------------------------------------------------------------------------- checkpoints
 

@@ -29,8 +29,8 @@ from raygpt.config import (SECTIONS, Config, apply_overrides, coerce, config_fro
 from raygpt.data import check_shards, load_manifest
 from raygpt.errors import UserError
 from raygpt.loop import plan_for
+from raygpt.runs import SEARCH_FILE
 
-SEARCH_FILE = "search.yaml"
 # What the trainer reports at every eval: the metrics and time counters a search may use.
 REPORTED = ("step", "epoch", "train_loss", "val_loss", "lr", "tokens_seen", "tokens_per_s", "elapsed")
 TIME_ATTRS = ("step", "tokens_seen")
