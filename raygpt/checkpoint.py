@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from raygpt import storage
 from raygpt.errors import UserError
 from raygpt.storage import STATE_FILE
 
@@ -121,3 +122,21 @@ def check_same_data(state: dict[str, Any], fingerprint: str | None, where: str) 
         raise UserError(f"checkpoint {where} was trained on data {trained_on[:12]}, but data.dir now holds "
                         f"{fingerprint[:12]} (prepared again from other inputs or options?); resume with the "
                         f"data it trained on, or start a new run")
+
+
+def load_newest_valid(candidates: list[str], warn: Callable[[str], None],
+                      with_optimizer: bool = True) -> tuple[dict[str, Any], str] | None:
+    """Load the first candidate that loads; a damaged or partial one is skipped with a warning.
+    None when there are no candidates; an error when every one is damaged (never silently
+    start over)."""
+    for uri in candidates:
+        try:
+            with storage.temporary_dir() as tmp:
+                return load_checkpoint(storage.download(uri, tmp), with_optimizer), uri
+        except UserError as exc:
+            warn(f"warning: skipping checkpoint {uri}: {exc}")
+    if candidates:
+        run = candidates[0].rstrip("/").rsplit("/", 1)[0]
+        raise UserError(f"none of the {len(candidates)} checkpoints in {run} loads (see the warnings above); "
+                        "move them aside to start the run over, or train under a new run.name")
+    return None

@@ -30,8 +30,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 def _run_prepare(args: argparse.Namespace) -> None:
     from raygpt.config import load_config
-    from raygpt.data import DEFAULT_SHARD_TOKENS
-    from raygpt.shared_data import prepare_to
+    from raygpt.data.prepare import DEFAULT_SHARD_TOKENS
+    from raygpt.data.remote import prepare_to
 
     out, context_len = args.out, args.context_len
     if args.config or args.overrides:
@@ -82,7 +82,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_bench_train(args: argparse.Namespace) -> None:
-    from raygpt.bench_train import bench_train
+    from raygpt.bench.train import bench_train
 
     if not args.rows or set(args.rows) - set("0abcd"):
         raise UserError(f"--rows takes characters of 0abcd, got {args.rows!r}")
@@ -91,7 +91,7 @@ def _run_bench_train(args: argparse.Namespace) -> None:
 
 
 def _run_bench_prepare(args: argparse.Namespace) -> None:
-    from raygpt.bench import bench_prepare
+    from raygpt.bench.prepare import bench_prepare
 
     bench_prepare(repeats=args.repeats, threads=args.threads)
 
@@ -112,9 +112,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> None:
     from raygpt.config import load_config
-    from raygpt.data import has_manifest, load_manifest
-    from raygpt.shared_data import prepare_to
-    from raygpt.train import resume_paths, run_config, train
+    from raygpt.data.remote import prepare_to
+    from raygpt.data.shards import has_manifest, load_manifest
+    from raygpt.runs import resume_paths
+    from raygpt.training.ray_train import run_config, train
 
     if args.resume and not args.config:
         where = load_config(None, [o for o in args.overrides if o.startswith("run.storage_path=")])
@@ -129,7 +130,7 @@ def _run_train(args: argparse.Namespace) -> None:
         prepare_to(cfg.data.dir, source=cfg.data.source, context_len=cfg.model.context_len)
     load_manifest(cfg.data.dir)
     if args.check:
-        from raygpt.train import preflight
+        from raygpt.training.ray_train import preflight
 
         paths, plan = preflight(cfg, args.resume, hash_shards=True)
         print(f"ok: run {paths.name} ({'resume' if args.resume else 'new'}) -> {paths.uri}: {plan.total_steps} steps "
@@ -147,10 +148,9 @@ def _train_without_ray(cfg, resume: str | None) -> None:
     import torch
 
     from raygpt import storage
-    from raygpt.data import check_shards, load_manifest
-    from raygpt.loop import run_without_ray
-    from raygpt.runs import Lease
-    from raygpt.train import new_run_name, resume_paths
+    from raygpt.data.shards import check_shards, load_manifest
+    from raygpt.runs import Lease, new_run_name, resume_paths
+    from raygpt.training.local import run_without_ray
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (cfg.run.name or resume):
         raise UserError("under torchrun every rank must name the same run: set run.name")
@@ -178,11 +178,11 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_tune(args: argparse.Namespace) -> None:
-    from raygpt.analysis import report
-    from raygpt.data import has_manifest
-    from raygpt.shared_data import prepare_to
-    from raygpt.search import load_search
-    from raygpt.tune import resume_search, run_search
+    from raygpt.data.remote import prepare_to
+    from raygpt.data.shards import has_manifest
+    from raygpt.search.analysis import report
+    from raygpt.search.spec import load_search
+    from raygpt.search.tune import resume_search, run_search
 
     if args.resume:
         experiment = resume_search(args.resume, address=args.address)
@@ -208,7 +208,7 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_analyze(args: argparse.Namespace) -> None:
-    from raygpt.analysis import report
+    from raygpt.search.analysis import report
 
     report(args.experiment, args.out)
 
@@ -268,9 +268,7 @@ def _run_runs(args: argparse.Namespace) -> None:
 
 
 def _run_bench_tune(args: argparse.Namespace) -> None:
-    from raygpt.bench import bench_tune
-
-    from raygpt.bench import TUNE_ARMS
+    from raygpt.bench.tune import TUNE_ARMS, bench_tune
 
     arms = args.arms.split(",")
     if set(arms) - set(TUNE_ARMS):

@@ -87,7 +87,9 @@ def check_resources(cfg: Config, log=print) -> None:
     autoscaler may add nodes, Ray Train waits at most run.resource_wait_s for them (see
     build_trainer), then the run fails naming what it asked for."""
     import ray
-    from ray._private.state import state  # private: the autoscaler v2's node groups (no public API)
+    from ray._private.state import (
+        state,  # private: the autoscaler v2's node groups (no public API)
+    )
 
     r = cfg.run
     per_worker = worker_resources(cfg)
@@ -119,7 +121,9 @@ def cluster_capacity(may_grow: bool | None = None) -> tuple[dict[str, float] | N
     an autoscaler v2's largest shape, the cluster as it is when nothing adds nodes, or None when
     a V1 autoscaler may add nodes of shapes it does not publish."""
     import ray
-    from ray._private.state import state  # private: the largest cluster autoscaler v2 may build
+    from ray._private.state import (
+        state,  # private: the largest cluster autoscaler v2 may build
+    )
 
     largest = state.get_max_resources_from_cluster_config()  # None: no autoscaler v2
     if largest:

@@ -8,9 +8,9 @@ bad key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import types
 import math
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +19,12 @@ from typing import Any
 import yaml
 
 from raygpt.errors import UserError
-from raygpt.fastpath import PRECISIONS
 from raygpt.model import PRESETS, GPTConfig
 
 SCHEMA_VERSION = 1
 FAULT_KINDS = ("raise", "kill", "sigterm")
 EVAL_MODES = ("spread", "first")
+PRECISIONS = ("auto", "fp32", "bf16")  # train.precision (raygpt.training.speed resolves auto)
 
 
 @dataclass
@@ -56,7 +56,7 @@ class OptimConfig:
     max_norm: float = 1.0
     clip_during_warmup: bool = False  # the recipe clips only once warmup is over
     decay_matrices_only: bool = False  # the recipe decays every parameter
-    fused: bool | None = None  # fused AdamW kernel; null: on GPUs and CPUs (raygpt.fastpath)
+    fused: bool | None = None  # fused AdamW kernel; null: on GPUs and CPUs (raygpt.training.speed)
 
 
 @dataclass
@@ -67,7 +67,7 @@ class TrainConfig:
     max_tokens: int | None = None
     grad_accum_steps: int = 1
     eval_freq: int = 5
-    # Evaluation (raygpt.evaluation.evaluate). spread: fixed windows spread evenly over each whole split,
+    # Evaluation (raygpt.training.evaluation.evaluate). spread: fixed windows spread evenly over each whole split,
     # eval_tokens per split per report (ceil(eval_tokens / context_len) windows, at most the split);
     # the last report's val loss reads final_eval_tokens (at least eval_tokens; null: the whole val
     # split). first: the original recipe's first eval_iter micro-batches of each split, in order.
@@ -79,7 +79,7 @@ class TrainConfig:
     save_freq: int = 50
     seed: int = 123
     start_context: str = "Every effort moves you"
-    # Speed (raygpt.fastpath). precision: auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16.
+    # Speed (raygpt.training.speed). precision: auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16.
     precision: str = "auto"
     tf32: bool = True  # fp32 matmuls on tensor cores (GPUs only)
     compile: bool = False  # torch.compile the model (a compile pause at start, faster steps after)

@@ -9,10 +9,10 @@ from typing import Any
 import torch
 
 from raygpt import checkpoint as ckpt
-from raygpt import recovery, runs, storage
+from raygpt import runs, storage
 from raygpt.errors import UserError
-from raygpt.storage import STATE_FILE
 from raygpt.model import GPTConfig, GPTModel, padded_vocab_size
+from raygpt.storage import STATE_FILE
 from raygpt.tokenizer import EOT_ID, gpt2_encoding
 
 
@@ -54,7 +54,7 @@ def load_model(path: str) -> tuple[GPTModel, dict]:
         with storage.temporary_dir() as tmp:
             loaded = ckpt.load_checkpoint(storage.download(uri, tmp), with_optimizer=False)
     else:  # a run folder: the newest that loads, as training restores
-        loaded, uri = recovery.load_newest_valid(candidates, lambda line: print(line, file=sys.stderr),
+        loaded, uri = ckpt.load_newest_valid(candidates, lambda line: print(line, file=sys.stderr),
                                                  with_optimizer=False)
     model_cfg = loaded["state"]["config"]["model"]
     check_config_matches_weights(model_cfg, loaded["model"], uri)

@@ -3,7 +3,7 @@ how far each got, its best val loss, when it last changed, and whether someone i
 
 A train run is a folder holding raygpt's run files (`raygpt.runs`: config, metrics log, lease,
 checkpoints); an experiment is a folder holding `search.yaml`, whose trials are the run folders
-`train-<trial id>` inside it (`raygpt.tune`). Local folders and storage URIs read the same; only
+`train-<trial id>` inside it (`raygpt.search.tune`). Local folders and storage URIs read the same; only
 one level under the storage folder is looked at. No Ray: this reads files.
 """
 
@@ -18,11 +18,9 @@ import yaml
 from raygpt import runs, storage
 from raygpt.errors import UserError
 
-SEARCH_FILE = runs.SEARCH_FILE
 # tune.tune_trial trains each trial into <experiment>/train-<trial id>; Tune's own trial folders
 # beside them hold no raygpt files.
 TRIAL_RUN_PREFIX = "train-"
-TRIALS_TABLE = runs.TRIALS_TABLE + ".csv"
 _RUN_FILES = {runs.CONFIG_FILE, runs.METRICS_FILE, runs.PROGRESS_FILE, runs.LEASE_FILE}
 
 
@@ -47,11 +45,11 @@ def list_runs(storage_path: str) -> list[dict[str, Any]]:
             children = {c.base_name: c.type for c in fs.get_file_info(pafs.FileSelector(info.path))}
         except OSError:  # a folder this user may not read holds none of their runs
             continue
-        if SEARCH_FILE not in children and not _is_run(children):
+        if runs.SEARCH_FILE not in children and not _is_run(children):
             continue
         uri = storage.join(root, info.base_name)
         files = fs.get_file_info(pafs.FileSelector(info.path, recursive=True))  # for the newest change
-        entries.append(_search_entry(uri, info.path, children, files) if SEARCH_FILE in children
+        entries.append(_search_entry(uri, info.path, children, files) if runs.SEARCH_FILE in children
                        else _run_entry(uri, files))
     return sorted(entries, key=lambda e: e["last_change"] or "")
 
@@ -120,11 +118,11 @@ def _search_entry(uri: str, path: str, children: dict[str, pafs.FileType],
 
 
 def _ended_trials(experiment_uri: str) -> list[str] | None:
-    """Each trial's Tune status from trials.csv (raygpt.analysis writes it when a search ends),
+    """Each trial's Tune status from trials.csv (raygpt.search.analysis writes it when a search ends),
     or None while there is none."""
     import pyarrow.csv as pacsv
 
-    uri = storage.join(experiment_uri, TRIALS_TABLE)
+    uri = storage.join(experiment_uri, runs.TRIALS_CSV)
     if not storage.exists(uri):
         return None
     try:
@@ -138,7 +136,7 @@ def _ended_trials(experiment_uri: str) -> list[str] | None:
 def _planned_trials(experiment_uri: str) -> int:
     """How many trials the search launches, as search.yaml's `launch` section says (0 if unsaid)."""
     try:
-        saved = yaml.safe_load(storage.read_text(storage.join(experiment_uri, SEARCH_FILE)))
+        saved = yaml.safe_load(storage.read_text(storage.join(experiment_uri, runs.SEARCH_FILE)))
         return int(saved["launch"]["trials"])
     except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
         return 0

@@ -18,10 +18,12 @@ import json
 import math
 import os
 import re
+import secrets
 import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import pyarrow.fs as pafs
@@ -36,7 +38,8 @@ PROGRESS_FILE = "progress.json"
 LEASE_FILE = "lease.json"
 # An experiment folder (a search): its saved search, and the trial table written when it ends.
 SEARCH_FILE = "search.yaml"
-TRIALS_TABLE = "trials"  # .csv and .parquet (raygpt.analysis)
+TRIALS_CSV = "trials.csv"  # the trial table, also as TRIALS_PARQUET (raygpt.search.analysis)
+TRIALS_PARQUET = "trials.parquet"
 
 # ----------------------------------------------------------------------------- checkpoints
 
@@ -279,3 +282,26 @@ class Lease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+@dataclass
+class RunPaths:
+    storage: str  # absolute folder or URI
+    name: str
+
+    @property
+    def uri(self) -> str:
+        return storage.join(self.storage, self.name)
+
+
+def new_run_name() -> str:
+    return f"raygpt-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def resume_paths(resume: str, storage_path: str) -> RunPaths:
+    """`--resume` takes a run name (under the storage path) or a run folder / URI."""
+    if storage.is_uri(resume) or os.sep in resume or os.path.isdir(resume):
+        uri = storage.resolve_storage(resume).rstrip("/")
+        parent, _, name = uri.rpartition("/")
+        return RunPaths(parent, name)
+    return RunPaths(storage.resolve_storage(storage_path), resume)

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from raygpt.config import Config, load_config
-from raygpt.data import prepare
+from raygpt.data.prepare import prepare_local
 
 CORPUS = (
     "def add(a, b):\n    return a + b\n\n"
@@ -21,7 +21,7 @@ def make_corpus(folder: Path) -> Path:
     for i in range(60):
         (src / f"doc{i:02d}.txt").write_text(f"# file {i}\n" + CORPUS.replace("10", str(i + 3)))
     out = folder / "data"
-    prepare([str(src)], out, val_fraction=0.2, context_len=16, log=lambda *a: None, progress=False)
+    prepare_local([str(src)], out, val_fraction=0.2, context_len=16, log=lambda *a: None, progress=False)
     return out
 
 
@@ -57,7 +57,7 @@ def make_prose_corpus(folder: Path, *, easy_head: str | None = None, val_fractio
 
     `easy_head`: a document placed first in both splits (the first train and the first val
     document), so the val split starts with text unlike the rest of it."""
-    from raygpt.data import is_val_document
+    from raygpt.data.prepare import is_val_document
 
     docs = prose_documents()
     if easy_head is not None:
@@ -69,7 +69,7 @@ def make_prose_corpus(folder: Path, *, easy_head: str | None = None, val_fractio
     for i, text in enumerate(docs):
         (src / f"doc{i:03d}.txt").write_text(text)
     out = folder / "data"
-    prepare([str(src)], out, val_fraction=val_fraction, context_len=16, log=lambda *a: None, progress=False)
+    prepare_local([str(src)], out, val_fraction=val_fraction, context_len=16, log=lambda *a: None, progress=False)
     return out
 
 

@@ -11,11 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from raygpt.runs import read_metrics
-
 from conftest import RayHead, stop_session_ray
 from helpers import make_corpus, tiny_overrides
+
+from raygpt.runs import read_metrics
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent

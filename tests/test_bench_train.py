@@ -7,11 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from raygpt.bench_train import bench_config, measure, row_command
-from raygpt.config import config_from_dict
-
 from helpers import make_corpus
+
+from raygpt.bench.train import bench_config, measure, row_command
+from raygpt.config import config_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,7 +34,7 @@ def test_measure_skips_the_warm_up_window_and_weights_windows_by_time():
 
 def test_rows_are_the_commands_a_user_types(tmp_path):
     zero, _ = row_command("0", "c.yaml", "/s/00", 2, None)
-    assert zero[1:] == ["-m", "raygpt.bench_bare", "c.yaml", "/s/00", "2"]
+    assert zero[1:] == ["-m", "raygpt.bench.bare", "c.yaml", "/s/00", "2"]
     a, _ = row_command("a", "c.yaml", "a0", 2, None)
     assert a[1:5] == ["-m", "raygpt", "train", "--config"] and "--no-ray" in a and "run.cpus_per_worker=2" in a
     c, _ = row_command("c", "c.yaml", "c0", 2, "127.0.0.1:1")
@@ -63,8 +62,8 @@ def test_bench_runs_all_five_rows_and_prints_the_json(ray_address, tmp_path, run
 
 def test_the_gpu_check_script_runs_on_cpu_with_only_torch_and_the_package():
     # The GPU machines have torch but no Ray or YAML: the script imports neither.
-    code = ("import sys, json; sys.modules['ray'] = sys.modules['yaml'] = None; sys.path.insert(0, 'bench'); "
-            "import gpu_check; r = gpu_check.main(['--device', 'cpu', '--preset', 'tiny', '--steps', '2', "
+    code = ("import sys, json; sys.modules['ray'] = sys.modules['yaml'] = None; "
+            "from raygpt.bench import gpu_check; r = gpu_check.main(['--device', 'cpu', '--preset', 'tiny', '--steps', '2', "
             "'--warmup', '1', '--batch', '2', '--no-compile']); print('RESULT', json.dumps(r))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(REPO)})

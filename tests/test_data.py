@@ -6,13 +6,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import one_line_error
 
-from raygpt import data
-from raygpt.data import WindowDataset, is_val_document, num_windows, prepare, read_shard
+from raygpt.data import prepare as prepare_module
+from raygpt.data.prepare import (
+    is_val_document,
+    prepare_local,
+    stdlib_files,
+    write_shard,
+)
+from raygpt.data.shards import load_manifest, read_shard
+from raygpt.data.windows import WindowDataset, num_windows
 from raygpt.errors import UserError
 from raygpt.tokenizer import EOT_TOKEN, gpt2_encoding
-
-from helpers import one_line_error
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -29,7 +35,7 @@ def quiet(**kw):
 
 def decoded_documents(folder):
     """All documents of a prepared folder, val and train, decoded back to text, in corpus order."""
-    manifest = data.load_manifest(folder)
+    manifest = load_manifest(folder)
     texts = {}
     for split in ("train", "val"):
         shards = [read_shard(folder / s["file"]) for s in manifest["splits"][split]["shards"]]
@@ -62,7 +68,7 @@ def _folder_with_shards(tmp_path, sizes):
     start, shards = 0, []
     for k, n in enumerate(sizes):
         name = f"train-{k:05d}.arrow"
-        data.write_shard(tmp_path / name, np.arange(start, start + n, dtype=np.uint16))
+        write_shard(tmp_path / name, np.arange(start, start + n, dtype=np.uint16))
         shards.append({"file": name, "tokens": n})
         start += n
     manifest = {"splits": {"train": {"tokens": start, "shards": shards}, "val": {"tokens": 0, "shards": []}}}
@@ -98,7 +104,7 @@ def test_dataset_pickles_without_the_mapped_arrays(tmp_path):
 
 
 def test_shards_are_memory_mapped_not_copied(tmp_path):
-    data.write_shard(tmp_path / "s.arrow", np.arange(100, dtype=np.uint16))
+    write_shard(tmp_path / "s.arrow", np.arange(100, dtype=np.uint16))
     arr = read_shard(tmp_path / "s.arrow")
     assert arr.dtype == np.uint16 and not arr.flags.writeable and not arr.flags.owndata
 
@@ -131,7 +137,7 @@ def test_round_trip_txt(tmp_path):
     for i, text in enumerate(DOCS):
         (tmp_path / f"doc{i}.txt").write_text(text)
     out = tmp_path / "out"
-    manifest = prepare([str(tmp_path / "*.txt")], out, val_fraction=0.2, **quiet())
+    manifest = prepare_local([str(tmp_path / "*.txt")], out, val_fraction=0.2, **quiet())
     texts = decoded_documents(out)
     assert texts["val"] == [DOCS[4]] and texts["train"] == DOCS[:4]
     assert manifest["splits"]["val"]["documents"] == 1
@@ -143,7 +149,7 @@ def test_round_trip_jsonl_across_small_shards(tmp_path):
     src = tmp_path / "c.jsonl"
     src.write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(DOCS)) + "\n\n")
     out = tmp_path / "out"
-    manifest = prepare([str(src)], out, val_fraction=0.0, shard_tokens=16, **quiet())
+    manifest = prepare_local([str(src)], out, val_fraction=0.0, shard_tokens=16, **quiet())
     assert len(manifest["splits"]["train"]["shards"]) > 3
     assert all(s["tokens"] <= 16 for s in manifest["splits"]["train"]["shards"])
     assert decoded_documents(out)["train"] == DOCS
@@ -153,7 +159,7 @@ def test_round_trip_parquet_in_batches(tmp_path):
     docs = DOCS * 500  # several row-group batches of 1024
     pq.write_table(pa.table({"id": list(range(len(docs))), "text": docs}), tmp_path / "c.parquet", row_group_size=700)
     out = tmp_path / "out"
-    prepare([str(tmp_path / "c.parquet")], out, val_fraction=0.1, **quiet())
+    prepare_local([str(tmp_path / "c.parquet")], out, val_fraction=0.1, **quiet())
     texts = decoded_documents(out)
     assert len(texts["val"]) == 250 and len(texts["train"]) == 2250
     assert texts["train"][:9] == docs[:9] and texts["val"][0] == docs[9]
@@ -165,13 +171,13 @@ def test_folder_input_reads_all_formats_sorted(tmp_path):
     (corpus / "b.txt").write_text(DOCS[1])
     (corpus / "a.jsonl").write_text(json.dumps({"text": DOCS[0]}) + "\n")
     (corpus / "notes.md").write_text("ignored")
-    prepare([str(corpus)], tmp_path / "out", val_fraction=0.0, **quiet())
+    prepare_local([str(corpus)], tmp_path / "out", val_fraction=0.0, **quiet())
     assert decoded_documents(tmp_path / "out")["train"] == DOCS[:2]
 
 
 def test_windows_over_a_prepared_folder(tmp_path):
     (tmp_path / "a.txt").write_text(" ".join(DOCS * 20))
-    prepare([str(tmp_path / "a.txt")], tmp_path / "out", val_fraction=0.0, shard_tokens=100, **quiet())
+    prepare_local([str(tmp_path / "a.txt")], tmp_path / "out", val_fraction=0.0, shard_tokens=100, **quiet())
     ds = WindowDataset(tmp_path / "out", "train", context_len=32, stride=16)
     ids = gpt2_encoding().encode_ordinary(" ".join(DOCS * 20))
     assert len(ds) == num_windows(len(ids) + 1, 32, 16)
@@ -181,11 +187,11 @@ def test_windows_over_a_prepared_folder(tmp_path):
 
 def test_stdlib_corpus(tmp_path):
     lines = []
-    manifest = prepare(source="stdlib", out=tmp_path / "std", context_len=128, log=lines.append, progress=False)
+    manifest = prepare_local(source="stdlib", out=tmp_path / "std", context_len=128, log=lines.append, progress=False)
     train, val = manifest["splits"]["train"], manifest["splits"]["val"]
     assert train["documents"] > 1000 and train["tokens"] > 5_000_000 and val["documents"] > 100
-    assert manifest["inputs"]["files"] == len(data.stdlib_files())
-    assert "site-packages" not in "".join(str(p) for p in data.stdlib_files())
+    assert manifest["inputs"]["files"] == len(stdlib_files())
+    assert "site-packages" not in "".join(str(p) for p in stdlib_files())
     assert lines[-1].startswith("prepared ") and "tokens/s" in lines[-1]
 
 
@@ -196,18 +202,18 @@ def test_rerun_is_a_noop_and_changed_input_rebuilds(tmp_path):
     src = tmp_path / "a.txt"
     src.write_text(DOCS[0] * 3)
     out = tmp_path / "out"
-    prepare([str(src)], out, **quiet())
+    prepare_local([str(src)], out, **quiet())
     stamp = (out / "manifest.json").stat().st_mtime_ns
     lines = []
-    prepare([str(src)], out, context_len=8, log=lines.append, progress=False)
+    prepare_local([str(src)], out, context_len=8, log=lines.append, progress=False)
     assert "up to date" in lines[0] and (out / "manifest.json").stat().st_mtime_ns == stamp
 
     src.write_text(DOCS[1] * 3)
-    prepare([str(src)], out, **quiet())
+    prepare_local([str(src)], out, **quiet())
     assert decoded_documents(out)["train"] == [DOCS[1] * 3]
 
-    prepare([str(src)], out, **quiet(val_fraction=0.5))  # changed options rebuild too
-    assert data.load_manifest(out)["options"]["val_fraction"] == 0.5
+    prepare_local([str(src)], out, **quiet(val_fraction=0.5))  # changed options rebuild too
+    assert load_manifest(out)["options"]["val_fraction"] == 0.5
 
 
 def test_interrupted_prepare_leaves_no_complete_looking_folder(tmp_path, monkeypatch):
@@ -217,20 +223,20 @@ def test_interrupted_prepare_leaves_no_complete_looking_folder(tmp_path, monkeyp
     def crash(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data, "write_shard", crash)
+    monkeypatch.setattr(prepare_module, "write_shard", crash)
     with pytest.raises(KeyboardInterrupt):
-        prepare([str(src)], tmp_path / "out", shard_tokens=50, **quiet())
+        prepare_local([str(src)], tmp_path / "out", shard_tokens=50, **quiet())
     assert sorted(os.listdir(tmp_path)) == ["a.txt"]  # no out/, no temporary folder
 
 
 def test_interrupted_rebuild_keeps_the_old_complete_folder(tmp_path, monkeypatch):
     src = tmp_path / "a.txt"
     src.write_text(DOCS[0] * 5)
-    prepare([str(src)], tmp_path / "out", **quiet())
+    prepare_local([str(src)], tmp_path / "out", **quiet())
     src.write_text(DOCS[1] * 5)
-    monkeypatch.setattr(data, "write_shard", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(prepare_module, "write_shard", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        prepare([str(src)], tmp_path / "out", **quiet())
+        prepare_local([str(src)], tmp_path / "out", **quiet())
     assert decoded_documents(tmp_path / "out")["train"] == [DOCS[0] * 5]
 
 
@@ -239,7 +245,7 @@ def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
     with pytest.raises(UserError, match="not a raygpt data folder"):
-        prepare([str(tmp_path / "a.txt")], tmp_path / "mine", **quiet())
+        prepare_local([str(tmp_path / "a.txt")], tmp_path / "mine", **quiet())
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
 
 
@@ -247,17 +253,17 @@ def test_a_rebuild_never_deletes_what_raygpt_did_not_write(tmp_path):
     (tmp_path / "a.txt").write_text(DOCS[0] * 5)
     (tmp_path / "b.txt").write_text(DOCS[1] * 5)
     out = tmp_path / "d"
-    prepare([str(tmp_path / "a.txt")], out, **quiet())
+    prepare_local([str(tmp_path / "a.txt")], out, **quiet())
     (out / "NOTES.md").write_text("mine")
     (out / "sub").mkdir()
     (out / "sub" / "x.txt").write_text("mine too")
     with pytest.raises(UserError, match=r"holds files raygpt did not write \(NOTES.md, sub/\).*--force"):
-        prepare([str(tmp_path / "b.txt")], out, **quiet())
+        prepare_local([str(tmp_path / "b.txt")], out, **quiet())
     assert decoded_documents(out)["train"] == [DOCS[0] * 5]  # untouched
-    prepare([str(tmp_path / "b.txt")], out, **quiet(force=True))  # only raygpt's files replaced
+    prepare_local([str(tmp_path / "b.txt")], out, **quiet(force=True))  # only raygpt's files replaced
     assert decoded_documents(out)["train"] == [DOCS[1] * 5]
     assert (out / "NOTES.md").read_text() == "mine" and (out / "sub" / "x.txt").read_text() == "mine too"
-    own = {"manifest.json"} | {s["file"] for sp in ("train", "val") for s in data.load_manifest(out)["splits"][sp]["shards"]}
+    own = {"manifest.json"} | {s["file"] for sp in ("train", "val") for s in load_manifest(out)["splits"][sp]["shards"]}
     assert set(os.listdir(out)) == own | {"NOTES.md", "sub"}
 
 
@@ -265,17 +271,17 @@ def test_force_into_a_folder_of_other_files_writes_beside_them(tmp_path):
     (tmp_path / "a.txt").write_text(DOCS[0] * 5)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
-    prepare([str(tmp_path / "a.txt")], tmp_path / "mine", **quiet(force=True))
+    prepare_local([str(tmp_path / "a.txt")], tmp_path / "mine", **quiet(force=True))
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
     assert decoded_documents(tmp_path / "mine")["train"] == [DOCS[0] * 5]
 
 
 def test_a_symlinked_out_stays_a_link_to_the_rebuilt_folder(tmp_path):
     (tmp_path / "a.txt").write_text(DOCS[0] * 5)
-    prepare([str(tmp_path / "a.txt")], tmp_path / "real", **quiet())
+    prepare_local([str(tmp_path / "a.txt")], tmp_path / "real", **quiet())
     (tmp_path / "link").symlink_to(tmp_path / "real")
     (tmp_path / "a.txt").write_text(DOCS[2] * 5)
-    prepare([str(tmp_path / "a.txt")], tmp_path / "link", **quiet())
+    prepare_local([str(tmp_path / "a.txt")], tmp_path / "link", **quiet())
     assert (tmp_path / "link").is_symlink() and decoded_documents(tmp_path / "real")["train"] == [DOCS[2] * 5]
 
 
@@ -295,7 +301,7 @@ def test_a_killed_prepares_temporary_folder_is_removed_by_the_next(tmp_path):
     abandoned = tmp_path / f"{prefix}x1"
     abandoned.mkdir()
     (abandoned / "train-00000.arrow").write_bytes(b"half a shard")
-    prepare([str(tmp_path / "a.txt")], tmp_path / "d", **quiet())
+    prepare_local([str(tmp_path / "a.txt")], tmp_path / "d", **quiet())
     assert sorted(os.listdir(tmp_path)) == ["a.txt", "d"]
 
 
@@ -303,10 +309,10 @@ def test_a_rebuild_killed_between_its_renames_gets_the_old_folder_back(tmp_path)
     import socket
 
     (tmp_path / "a.txt").write_text(DOCS[0] * 5)
-    prepare([str(tmp_path / "a.txt")], tmp_path / "d", **quiet())
+    prepare_local([str(tmp_path / "a.txt")], tmp_path / "d", **quiet())
     (tmp_path / "d").rename(tmp_path / f".d.old-{socket.gethostname()}-{_dead_pid()}")
     lines = []
-    prepare([str(tmp_path / "a.txt")], tmp_path / "d", context_len=8, log=lines.append, progress=False)
+    prepare_local([str(tmp_path / "a.txt")], tmp_path / "d", context_len=8, log=lines.append, progress=False)
     assert "restored" in lines[0] and "up to date" in lines[1]
     assert decoded_documents(tmp_path / "d")["train"] == [DOCS[0] * 5]
 
@@ -416,9 +422,9 @@ def test_cli_out_that_cannot_be_written(run_cli, tmp_path):
 
 
 def test_without_a_terminal_prepare_prints_progress_lines(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "PROGRESS_LINE_S", 0.0)
+    monkeypatch.setattr(prepare_module, "PROGRESS_LINE_S", 0.0)
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS * 20))
     said = []
-    prepare([str(tmp_path / "a.jsonl")], tmp_path / "out", context_len=4, progress=False, log=said.append)
+    prepare_local([str(tmp_path / "a.jsonl")], tmp_path / "out", context_len=4, progress=False, log=said.append)
     lines = [line for line in said if line.startswith("prepare: ")]
     assert len(lines) >= 10 and all(" MB read, " in line and line.endswith(" tokens/s") for line in lines)

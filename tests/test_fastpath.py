@@ -5,14 +5,13 @@ import json
 
 import pytest
 import torch
+from helpers import make_corpus, tiny_config
 
 from raygpt import checkpoint as ckpt
-from raygpt import fastpath
-from raygpt.loop import run_without_ray
-from raygpt.runs import read_events, read_metrics
 from raygpt.model import GPTModel
-
-from helpers import make_corpus, tiny_config
+from raygpt.runs import read_events, read_metrics
+from raygpt.training import speed
+from raygpt.training.local import run_without_ray
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +34,11 @@ def plain(data_dir, tmp_path_factory):
 
 def test_auto_precision_is_fp32_on_cpu_and_bf16_only_when_asked():
     cpu = torch.device("cpu")
-    assert fastpath.resolve_precision("auto", cpu) == "fp32"
-    assert fastpath.resolve_precision("bf16", cpu) == "bf16"
-    assert fastpath.fused_adamw(None, cpu) and not fastpath.fused_adamw(False, cpu)
-    assert fastpath.fused_adamw(None, torch.device("cuda"))
-    assert not fastpath.fused_adamw(None, torch.device("meta"))
+    assert speed.resolve_precision("auto", cpu) == "fp32"
+    assert speed.resolve_precision("bf16", cpu) == "bf16"
+    assert speed.fused_adamw(None, cpu) and not speed.fused_adamw(False, cpu)
+    assert speed.fused_adamw(None, torch.device("cuda"))
+    assert not speed.fused_adamw(None, torch.device("meta"))
 
 
 @pytest.mark.parametrize("overrides, tolerance", [

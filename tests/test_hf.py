@@ -4,14 +4,13 @@ import json
 
 import pytest
 import torch
+from helpers import prose_documents
 
 from raygpt import hf
-from raygpt.data import encode_document
+from raygpt.data.prepare import encode_document
 from raygpt.errors import UserError
 from raygpt.model import GPTModel
 from raygpt.tokenizer import EOT_ID, gpt2_encoding
-
-from helpers import prose_documents
 
 transformers = pytest.importorskip("transformers", reason="the hf extra: pip install 'raygpt[hf]'")
 
@@ -89,7 +88,8 @@ def test_a_folder_of_another_shape_is_refused_naming_the_difference(tmp_path):
 
 def test_export_of_a_trained_checkpoint_from_the_cli(run_cli, tmp_path):
     from helpers import make_corpus, tiny_config
-    from raygpt.loop import run_without_ray
+
+    from raygpt.training.local import run_without_ray
 
     data = make_corpus(tmp_path)
     run_without_ray(tiny_config(data, tmp_path, "train.max_steps=4"), str(data), str(tmp_path / "run"))
@@ -117,8 +117,9 @@ def _tiny_gpt2_folder(folder, n_layer=2):
 
 def test_a_run_starts_from_hugging_face_weights_not_from_its_seed(tmp_path):
     from helpers import make_corpus, tiny_config
-    from raygpt.loop import run_without_ray
+
     from raygpt.runs import read_metrics
+    from raygpt.training.local import run_without_ray
 
     data = make_corpus(tmp_path)
     folder = _tiny_gpt2_folder(tmp_path / "gpt2")

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import make_corpus, tiny_overrides
 
 from raygpt.runs import read_metrics
-
-from helpers import make_corpus, tiny_overrides
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 BIN = Path(sys.executable).parent

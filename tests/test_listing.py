@@ -12,13 +12,13 @@ from datetime import datetime, timezone
 import pytest
 import torch
 import yaml
+from helpers import make_corpus, one_line_error, tiny_config
 
 from raygpt import runs
-from raygpt.listing import SEARCH_FILE, list_runs
-from raygpt.loop import run_without_ray
-from raygpt.recovery import InjectedFault
-
-from helpers import make_corpus, one_line_error, tiny_config
+from raygpt.listing import list_runs
+from raygpt.runs import SEARCH_FILE
+from raygpt.training.local import run_without_ray
+from raygpt.training.recovery import InjectedFault
 
 
 @pytest.fixture(scope="module")
@@ -132,10 +132,7 @@ def test_a_search_is_finished_running_or_interrupted_by_its_trials(storage):
 
 
 def test_an_ended_search_reads_its_trials_from_the_analysis(storage):
-    from raygpt import analysis
-    from raygpt.listing import TRIALS_TABLE
-
-    assert TRIALS_TABLE == analysis.TABLE + ".csv"
+    from raygpt.runs import TRIALS_CSV as TRIALS_TABLE
     # ASHA stopped one trial early (its run folder is short of total_steps): still a finished search.
     stopped = add_search(storage, "tune-asha", ["finished", "interrupted"], planned=2)
     (stopped / TRIALS_TABLE).write_text("trial_id,status,stopped_early\na,TERMINATED,False\nb,TERMINATED,True\n")
@@ -184,7 +181,3 @@ def test_a_missing_storage_is_one_line_and_an_empty_one_says_so(tmp_path, run_cl
     assert run_cli("runs", str(tmp_path / "empty")) == (0, f"no runs in {tmp_path / 'empty'}\n", "")
 
 
-def test_the_search_file_name_is_the_one_tune_writes():
-    from raygpt.search import SEARCH_FILE as written
-
-    assert SEARCH_FILE == written

@@ -8,18 +8,19 @@ import socket
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_corpus, make_prose_corpus, tiny_config, tiny_overrides
 
 from raygpt.config import TrainConfig, load_config
-from raygpt.data import WindowDataset
+from raygpt.data.windows import WindowDataset
 from raygpt.errors import UserError
 from raygpt.generate import load_model
-from raygpt.evaluation import spread_windows
-from raygpt.loop import build_optimizer, plan_steps, run_without_ray
-from raygpt.step import step_seed
 from raygpt.model import GPTModel
 from raygpt.runs import read_events, read_metrics
-
-from helpers import make_corpus, make_prose_corpus, tiny_config, tiny_overrides
+from raygpt.training.evaluation import spread_windows
+from raygpt.training.local import run_without_ray
+from raygpt.training.loop import build_optimizer
+from raygpt.training.plan import plan_steps
+from raygpt.training.step import step_seed
 
 # A val split whose head is far easier than the rest: this repetitive document comes first in it
 # (and in train, so the model learns it), then the pydoc topics' prose.

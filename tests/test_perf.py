@@ -2,8 +2,8 @@
 
 import torch
 
-from raygpt import perf
 from raygpt.model import GPTModel
+from raygpt.training import perf
 
 
 def test_matmul_params_are_the_linear_weights_of_the_model():

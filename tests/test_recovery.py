@@ -6,13 +6,14 @@ import signal
 
 import pytest
 import torch
-
-from raygpt import recovery, runs
-from raygpt.errors import UserError
-from raygpt.loop import run_without_ray
-from raygpt.runs import read_events, read_metrics
-
 from helpers import make_corpus, tiny_config
+
+from raygpt import checkpoint as ckpt
+from raygpt import runs
+from raygpt.errors import UserError
+from raygpt.runs import read_events, read_metrics
+from raygpt.training import recovery
+from raygpt.training.local import run_without_ray
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def test_all_checkpoints_damaged_is_an_error_not_a_fresh_start(tmp_path):
     (tmp_path / "checkpoint_0000004").mkdir()
     warnings = []
     with pytest.raises(UserError, match="none of the 1 checkpoints"):
-        recovery.load_newest_valid(runs.list_checkpoints(str(tmp_path))[::-1], warnings.append)
+        ckpt.load_newest_valid(runs.list_checkpoints(str(tmp_path))[::-1], warnings.append)
     assert "skipping checkpoint" in warnings[0] and "no state.json" in warnings[0]
 
 

@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import make_corpus, tiny_config
 
 from raygpt.checkpoint import load_checkpoint
 from raygpt.errors import UserError
 from raygpt.runs import read_events, read_metrics
-from raygpt.train import TrainingFailed, train
-
-from helpers import make_corpus, tiny_config
+from raygpt.training.ray_train import TrainingFailed, train
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

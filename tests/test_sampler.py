@@ -1,6 +1,6 @@
 import torch
 
-from raygpt.sampler import GlobalBatchSampler
+from raygpt.data.sampler import GlobalBatchSampler
 
 
 def samples(n=103, batch=8, world=1, seed=1, epoch=0, start=0):

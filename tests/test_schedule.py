@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from raygpt.schedule import clip_gradients, should_clip, warmup_cosine_lr
+from raygpt.training.schedule import clip_gradients, should_clip, warmup_cosine_lr
 
 SEED = dict(total_steps=100, warmup_steps=15, initial_lr=0.0001, peak_lr=0.01, min_lr=1e-6)
 

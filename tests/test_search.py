@@ -4,11 +4,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import make_corpus, search_raw
 
 from raygpt.errors import UserError
-from raygpt.search import expand, load_search, parse_search
-
-from helpers import make_corpus, search_raw
+from raygpt.search.spec import expand, load_search, parse_search
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
 
@@ -44,7 +43,8 @@ def test_the_recipes_nine_keys_are_searchable(data_dir, tmp_path):
     raw = search_raw(data_dir, tmp_path, space)
     raw["train"]["max_steps"] = None  # num_epochs decides the length
     (trial,), _ = expand(parse_search(raw))
-    from raygpt.data import load_manifest, num_windows
+    from raygpt.data.shards import load_manifest
+    from raygpt.data.windows import num_windows
 
     windows = num_windows(load_manifest(data_dir)["splits"]["train"]["tokens"], 16, 16)
     assert trial.total_steps == 2 * (windows // 4)  # batch size and epochs set the schedule's length

@@ -4,14 +4,14 @@ import json
 import os
 
 import pytest
-
-from raygpt.data import WindowDataset, load_manifest
-from raygpt.errors import UserError
-from raygpt.loop import run_without_ray
-from raygpt.runs import read_metrics
-from raygpt.shared_data import local_shards, prepare_to
-
 from helpers import CORPUS, tiny_config
+
+from raygpt.data.remote import local_shards, prepare_to
+from raygpt.data.shards import load_manifest
+from raygpt.data.windows import WindowDataset
+from raygpt.errors import UserError
+from raygpt.runs import read_metrics
+from raygpt.training.local import run_without_ray
 
 
 @pytest.fixture

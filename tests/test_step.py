@@ -1,6 +1,5 @@
 """The one training step shared by the loop and the GPU check (no data set, no Ray)."""
 
-import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ import torch
 
 from raygpt.errors import TrainingFailed
 from raygpt.model import GPTModel
-from raygpt.step import step_seed, train_step
+from raygpt.training.step import step_seed, train_step
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,7 +84,7 @@ def test_a_non_finite_gradient_raises_before_the_optimizer_runs():
 
 
 def test_the_gpu_check_runs_the_training_step():
-    code = ("import sys; sys.path.insert(0, 'bench'); import gpu_check, raygpt.step; "
-            "print(gpu_check.train_step is raygpt.step.train_step)")
+    code = ("import sys; from raygpt.bench import gpu_check; import raygpt.training.step; "
+            "print(gpu_check.train_step is raygpt.training.step.train_step)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
     assert out.strip() == "True"

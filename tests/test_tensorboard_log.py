@@ -1,12 +1,11 @@
 """TensorBoard events of a run, read back with TensorBoard's own reader."""
 
 import pytest
+from helpers import make_corpus, tiny_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from raygpt.loop import run_without_ray
 from raygpt.runs import read_metrics
-
-from helpers import make_corpus, tiny_config
+from raygpt.training.local import run_without_ray
 
 
 def scalars(folder):
@@ -33,7 +32,7 @@ def test_the_events_hold_the_metrics_log(tmp_path, as_uri):
 
 
 def test_a_resumed_run_purges_the_recomputed_steps(tmp_path):
-    from raygpt.recovery import InjectedFault
+    from raygpt.training.recovery import InjectedFault
 
     data = make_corpus(tmp_path)
     run_dir = str(tmp_path / "run")

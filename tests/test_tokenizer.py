@@ -51,7 +51,7 @@ def test_builds_without_network(monkeypatch):
 
 @pytest.mark.parametrize("text", ["", " ", "hello world", "x" * 5000, "<|endoftext|>"])
 def test_numpy_encoding_matches_encode_ordinary(text):
-    from raygpt.data import encode_document
+    from raygpt.data.prepare import encode_document
 
     ids = encode_document(text)
     assert ids.tolist() == gpt2_encoding().encode_ordinary(text) + [EOT_ID]
@@ -70,7 +70,7 @@ SPLIT_TEXTS = [
 @pytest.mark.parametrize("max_chars", [7, 16, 50, 1000])
 @pytest.mark.parametrize("text", SPLIT_TEXTS)
 def test_long_documents_are_encoded_in_pieces_with_the_same_ids(text, max_chars):
-    from raygpt.data import encode_document
+    from raygpt.data.prepare import encode_document
     from raygpt.tokenizer import text_chunks
 
     ids = encode_document(text, max_chars=max_chars).tolist()
@@ -98,7 +98,7 @@ def test_a_huge_document_with_no_spaces_is_tokenized_in_bounded_memory():
     # per character (~270 MB here, ~2.7 GB for a 60 MB minified/base64 line). Pieces are now capped.
     code = (
         "import resource\n"
-        "from raygpt.data import encode_document\n"
+        "from raygpt.data.prepare import encode_document\n"
         "text = 'qwertyuiopasdfghjklzxcvbnm' * 240_000\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "ids = encode_document(text)\n"

@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import make_corpus, one_line_error, tiny_config
 
 from raygpt.errors import UserError
-from raygpt.loop import run_without_ray
 from raygpt.runs import read_metrics
-from raygpt.train import train
-
-from helpers import make_corpus, one_line_error, tiny_config
+from raygpt.training.local import run_without_ray
+from raygpt.training.ray_train import train
 
 BIN = Path(sys.executable).parent
 
@@ -168,7 +167,8 @@ def test_two_writers_of_one_run_the_second_is_refused_before_anything_starts(run
 
 
 def test_a_resume_skips_a_damaged_newest_state_and_refuses_a_newer_format(run_cli, small_run, data_dir, tmp_path):
-    from raygpt.train import RunPaths, _check_resume
+    from raygpt.runs import RunPaths
+    from raygpt.training.ray_train import _check_resume
 
     run = copy_run(small_run, tmp_path)
     cfg = tiny_config(data_dir, run.parent)

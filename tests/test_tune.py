@@ -9,16 +9,21 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import make_corpus, make_prose_corpus, search_raw, tiny_config
 
-from raygpt.analysis import analyze
 from raygpt.config import load_config
 from raygpt.runs import read_events
-from raygpt.analysis import _tokens_to_max_t
-from raygpt.search import TuneSettings, expand, parse_search
-from raygpt.tune import (rung_milestones, rung_save_steps, trial_save_steps, runs_in_trial, trial_footprint, trial_reservation,
-                         trials_that_fit)
-
-from helpers import make_corpus, make_prose_corpus, search_raw, tiny_config
+from raygpt.search.analysis import _tokens_to_max_t, analyze
+from raygpt.search.spec import TuneSettings, expand, parse_search
+from raygpt.search.tune import (
+    rung_milestones,
+    rung_save_steps,
+    runs_in_trial,
+    trial_footprint,
+    trial_reservation,
+    trial_save_steps,
+    trials_that_fit,
+)
 
 BIN = Path(sys.executable).parent
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
@@ -239,7 +244,7 @@ def test_a_trial_still_in_error_fails_the_search_naming_it_and_why(ray_address, 
     assert code == 1
     assert "search failed: 1 of 2 trials ended in ERROR" in err
     failed = next(r for r in analyze(str(tmp_path / "runs" / "fault")).rows if r["status"] == "ERROR")
-    assert f"trial {failed['trial_id']} ERROR: raygpt.recovery.InjectedFault: injected fault after step 7 on rank 0" in out
+    assert f"trial {failed['trial_id']} ERROR: raygpt.training.recovery.InjectedFault: injected fault after step 7 on rank 0" in out
     assert "best trial" in out  # the table and the analysis are printed first
 
 
@@ -263,6 +268,6 @@ def test_optuna_suggests_valid_trials(ray_address, data_dir, tmp_path, run_cli):
 def test_the_smallest_hyperband_bracket_is_rays(max_t, eta):
     from ray.tune.schedulers import HyperBandScheduler
 
-    from raygpt.tune import hyperband_smallest_bracket
+    from raygpt.search.tune import hyperband_smallest_bracket
 
     assert hyperband_smallest_bracket(max_t, eta) == HyperBandScheduler(max_t=max_t, reduction_factor=eta)._get_n0(1)

@@ -1,6 +1,6 @@
 """The training loop: plain PyTorch, the recipe's `hyper_pretrain_model` made distributed.
 
-It runs the same under Ray Train (raygpt.train), under torchrun, or alone in one process; what
+It runs the same under Ray Train (raygpt.training.ray_train), under torchrun, or alone in one process; what
 differs is the `Runtime` the caller hands in (rank, device, how to wrap the model and loader,
 how to report). Per optimizer step: lr from the step, forward, cross-entropy, backward (with
 `no_sync` on inner accumulation micro-steps), clipping after warmup, AdamW step. Every eval_freq
@@ -10,75 +10,28 @@ shared among the workers; the last report reads a larger sample.
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from raygpt import checkpoint as ckpt
-from raygpt import fastpath, recovery, runs, storage
-from raygpt.config import Config, OptimConfig, TrainConfig
-from raygpt.data import WindowDataset, check_data_for_model, load_manifest, num_windows
-from raygpt.errors import UserError
-from raygpt.evaluation import EvalSets
+from raygpt import runs, storage
+from raygpt.config import Config, OptimConfig
+from raygpt.data.remote import local_shards
+from raygpt.data.sampler import GlobalBatchSampler
+from raygpt.data.shards import load_manifest
+from raygpt.data.windows import WindowDataset
 from raygpt.model import GPTModel, fit_rows
-from raygpt.reporter import Reporter
-from raygpt.sampler import GlobalBatchSampler
-from raygpt.schedule import should_clip, warmup_cosine_lr
-from raygpt.shared_data import local_shards
-from raygpt.step import step_seed, train_step
-
-# ----------------------------------------------------------------------------- planning (pure)
-
-
-@dataclass
-class StepPlan:
-    micro_batch: int  # sequences per worker per forward pass
-    steps_per_epoch: int
-    total_steps: int
-
-
-def plan_steps(train: TrainConfig, num_train_windows: int, num_workers: int, context_len: int,
-               warmup_steps: int) -> StepPlan:
-    """Micro-batch and step counts; a config the trainer cannot run is a one-line UserError."""
-    b, w, a = train.batch_size, num_workers, train.grad_accum_steps
-    if b % (w * a):
-        raise UserError(
-            f"train.batch_size {b} does not divide over run.num_workers {w} x train.grad_accum_steps {a}; "
-            f"use a multiple of {w * a}"
-        )
-    steps_per_epoch = num_train_windows // b
-    if steps_per_epoch == 0:
-        raise UserError(f"train.batch_size {b} is larger than the dataset ({num_train_windows} train windows)")
-    candidates = [steps_per_epoch * train.num_epochs]
-    if train.max_steps is not None or train.max_tokens is not None:
-        candidates = []
-        if train.max_steps is not None:
-            candidates.append(train.max_steps)
-        if train.max_tokens is not None:
-            candidates.append(math.ceil(train.max_tokens / (b * context_len)))
-    total = min(candidates)
-    if warmup_steps >= total:
-        raise UserError(f"optim.warmup_steps {warmup_steps} must be < total steps {total}")
-    return StepPlan(b // (w * a), steps_per_epoch, total)
-
-
-def plan_for(cfg: Config, data_dir: str, manifest: dict[str, Any] | None = None) -> StepPlan:
-    """The plan of a config over a prepared data folder (reads only the manifest, unless given)."""
-    manifest = manifest or load_manifest(data_dir)
-    check_data_for_model(manifest, data_dir, cfg.model.vocabulary_size)
-    stride = cfg.data.stride or cfg.model.context_len
-    windows = num_windows(manifest["splits"]["train"]["tokens"], cfg.model.context_len, stride)
-    if windows == 0:
-        raise UserError(f"{data_dir}: the train split holds no window of context_len {cfg.model.context_len}")
-    if manifest["splits"]["val"]["tokens"] <= cfg.model.context_len:
-        raise UserError(f"{data_dir}: the val split holds no window of context_len {cfg.model.context_len}; "
-                        "prepare with a larger --val-fraction or more data")
-    return plan_steps(cfg.train, windows, cfg.run.num_workers, cfg.model.context_len, cfg.optim.warmup_steps)
+from raygpt.training import recovery, speed
+from raygpt.training.evaluation import EvalSets
+from raygpt.training.plan import plan_for
+from raygpt.training.reporter import Reporter
+from raygpt.training.runtime import Runtime, TrainState
+from raygpt.training.schedule import should_clip, warmup_cosine_lr
+from raygpt.training.step import step_seed, train_step
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
@@ -92,67 +45,7 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.A
     else:
         groups = [{"params": list(model.parameters()), "weight_decay": optim.weight_decay}]
     device = next(model.parameters()).device
-    return fastpath.adamw(groups, optim.peak_lr, tuple(optim.betas), optim.eps, fastpath.fused_adamw(optim.fused, device))
-
-
-# ----------------------------------------------------------------------------- runtime
-
-
-def save_to_run_dir(run_dir: str, keep: int | None = None) -> Callable[[dict[str, Any], str | None, str | None], None]:
-    """The report of a run without Ray Train: copy each checkpoint into the run folder, and with
-    `keep`, keep only that many (best by val_loss) plus the newest, as Ray Train would."""
-
-    def report(metrics: dict[str, Any], folder: str | None, name: str | None) -> None:
-        if folder is not None and name is not None:
-            storage.upload(folder, storage.join(run_dir, name))
-            if keep is not None:
-                runs.prune_checkpoints(run_dir, keep)
-
-    return report
-
-
-@dataclass
-class Runtime:
-    """What the code around the loop provides."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    run_dir: str | None = None  # the run's folder (a path or storage URI): metrics log, checkpoints
-    fit_id: str = ""  # one per `fit`: tells a restart within it from a resume of an earlier one
-    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m
-    wrap_loader: Callable[[DataLoader], DataLoader] = lambda d: d
-    # Called on every rank at the same points (Ray's report is a barrier); the checkpoint folder
-    # and its name are given on rank 0 only, and the folder is deleted once report returns.
-    report: Callable[[dict[str, Any], str | None, str | None], None] = lambda metrics, folder, name: None
-    log: Callable[[str], None] = print
-    # Steps that also save a checkpoint (besides every save_freq and the end): a search saves
-    # where early stopping may stop a trial, so a stopped trial keeps where it stopped.
-    extra_save_steps: frozenset[int] = frozenset()
-
-
-@dataclass
-class TrainState:
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    batch_in_epoch: int = 0  # global batches consumed in this epoch
-    tokens_seen: int = 0
-    elapsed: float = 0.0  # wall seconds of training before this process took over
-
-    def advance(self, tokens: int, steps_per_epoch: int) -> None:
-        """One optimizer step done; an epoch's last step rolls over at once, so a checkpoint here
-        says "next epoch, batch 0"."""
-        self.step += 1
-        self.batch_in_epoch += 1
-        self.tokens_seen += tokens
-        if self.batch_in_epoch >= steps_per_epoch:
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-
-    def checkpoint_fields(self, batch_size: int) -> dict[str, Any]:
-        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "samples_consumed": self.step * batch_size, "tokens_seen": self.tokens_seen,
-                # The metrics log is cut back to this step when a run restores this checkpoint.
-                "metrics_log_through_step": self.step}
+    return speed.adamw(groups, optim.peak_lr, tuple(optim.betas), optim.eps, speed.fused_adamw(optim.fused, device))
 
 
 def _fit_optimizer_rows(optimizer: torch.optim.Optimizer) -> None:
@@ -173,7 +66,7 @@ def _restore(rt: Runtime, cfg: Config) -> tuple[dict[str, Any], str] | None:
         # One choice for all ranks: rank 0 validates, the others load what it chose.
         choice: list[Any] = [None]
         if rt.rank == 0:
-            found = recovery.load_newest_valid(candidates, rt.log)
+            found = ckpt.load_newest_valid(candidates, rt.log)
             choice = [found[1] if found else None]
         dist.broadcast_object_list(choice, src=0)
         if choice[0] is None:
@@ -182,10 +75,7 @@ def _restore(rt: Runtime, cfg: Config) -> tuple[dict[str, Any], str] | None:
             return found
         with storage.temporary_dir() as tmp:
             return ckpt.load_checkpoint(storage.download(choice[0], tmp)), choice[0]
-    return recovery.load_newest_valid(candidates, rt.log)
-
-
-# ----------------------------------------------------------------------------- the loop
+    return ckpt.load_newest_valid(candidates, rt.log)
 
 
 def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
@@ -197,8 +87,8 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
     data_dir = local_shards(data_dir, log=rt.log if rank0 else lambda line: None)
     manifest = load_manifest(data_dir)
     plan = plan_for(cfg, data_dir, manifest)
-    precision = fastpath.resolve_precision(t.precision, rt.device)
-    fastpath.set_tf32(rt.device, t.tf32)
+    precision = speed.resolve_precision(t.precision, rt.device)
+    speed.set_tf32(rt.device, t.tf32)
 
     torch.manual_seed(t.seed)
     model = GPTModel.from_config(m).to(rt.device)  # on its device first: a fused optimizer needs that
@@ -206,7 +96,7 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
     if rank0 and cfg.fault.crash_at_step is not None:
         rt.log(recovery.describe_fault(cfg.fault))
     state, log_rows = _restore_into(model, optimizer, cfg, manifest, rt)
-    model = rt.wrap_model(fastpath.maybe_compile(model, t.compile))
+    model = rt.wrap_model(speed.maybe_compile(model, t.compile))
 
     train_ds = WindowDataset(data_dir, "train", m.context_len, cfg.data.stride or m.context_len)
     sampler = GlobalBatchSampler(train_ds, t.batch_size, rt.rank, rt.world_size, t.seed)
@@ -279,30 +169,3 @@ def _restore_into(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg:
     return state, log_rows
 
 
-def run_without_ray(cfg: Config, data_dir: str, run_dir: str) -> dict[str, Any]:
-    """The same loop with no Ray: one process, or DDP under `torchrun` (gloo on CPU, NCCL on GPU).
-    A run folder that already holds checkpoints is resumed from the newest valid one."""
-    import os
-    import uuid
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    use_cuda = cfg.run.use_gpu and torch.cuda.is_available()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda else "cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-
-    def ddp(model: torch.nn.Module) -> torch.nn.Module:
-        if world == 1:
-            return model
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None,
-                                                         gradient_as_bucket_view=True)
-
-    cfg.run.num_workers = world  # the plan divides the batch over the processes actually running
-    rt = Runtime(rank=rank, world_size=world, device=device, run_dir=run_dir, fit_id=uuid.uuid4().hex,
-                 wrap_model=ddp, report=save_to_run_dir(run_dir) if rank == 0 else (lambda m, f, n: None))
-    try:
-        return train_loop(cfg, data_dir, rt)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()

@@ -1,7 +1,7 @@
 """A search file: the training config it starts from, the space of values to try, the Tune
 settings, and the trials it expands to, each validated as the trainer would before launch.
 
-Pure: no Ray here (raygpt.tune runs the trials). Three ways to pick trials:
+Pure: no Ray here (raygpt.search.tune runs the trials). Three ways to pick trials:
 - grid: every point of the grid keys, times `num_samples` draws of the distributions;
 - random: `num_samples` distinct points of the grid, drawn without replacement (seeded), for
   grids too large to run whole (nine keys of a few values each is tens of thousands of points);
@@ -24,12 +24,18 @@ from typing import Any
 
 import yaml
 
-from raygpt.config import (SECTIONS, Config, apply_overrides, coerce, config_from_dict, is_plain_name,
-                           read_yaml_file)
-from raygpt.data import check_shards, load_manifest
+from raygpt.config import (
+    SECTIONS,
+    Config,
+    apply_overrides,
+    coerce,
+    config_from_dict,
+    is_plain_name,
+    read_yaml_file,
+)
+from raygpt.data.shards import check_shards, load_manifest
 from raygpt.errors import UserError
-from raygpt.loop import plan_for
-from raygpt.runs import SEARCH_FILE
+from raygpt.training.plan import plan_for
 
 # What the trainer reports at every eval: the metrics and time counters a search may use.
 REPORTED = ("step", "epoch", "train_loss", "val_loss", "lr", "tokens_seen", "tokens_per_s", "elapsed")
@@ -243,7 +249,7 @@ def expand(search: Search) -> tuple[list[Trial], list[str]]:
 
     grid: every grid point x num_samples draws; random: num_samples distinct grid points (each
     with one draw of the distributions), taken without replacement in a seeded order, skipping
-    points the trainer would refuse. Optuna trials are not expanded (see raygpt.tune)."""
+    points the trainer would refuse. Optuna trials are not expanded (see raygpt.search.tune)."""
     s = search.settings
     rng = random.Random(s.seed)
     manifest = _manifest(search)

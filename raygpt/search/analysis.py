@@ -19,10 +19,14 @@ import yaml
 
 from raygpt import runs, storage
 from raygpt.errors import UserError
-from raygpt.runs import best_checkpoint, read_metrics
-from raygpt.search import SEARCH_FILE, TuneSettings, search_base, settings_from_dict, trial_config
+from raygpt.runs import SEARCH_FILE, best_checkpoint, read_metrics
+from raygpt.search.spec import (
+    TuneSettings,
+    search_base,
+    settings_from_dict,
+    trial_config,
+)
 
-TABLE = runs.TRIALS_TABLE  # .csv and .parquet
 BEST_CONFIG = "best_config.yaml"
 CURVES = "val_loss_curves.png"
 
@@ -159,7 +163,7 @@ def write_outputs(analysis: Analysis, out_dir: str | None = None) -> dict[str, s
         raise UserError("write the analysis to a local folder: pass --out DIR for an experiment on remote storage")
     os.makedirs(out, exist_ok=True)
     table = pa.Table.from_pylist(analysis.rows)
-    paths = {"csv": os.path.join(out, TABLE + ".csv"), "parquet": os.path.join(out, TABLE + ".parquet"),
+    paths = {"csv": os.path.join(out, runs.TRIALS_CSV), "parquet": os.path.join(out, runs.TRIALS_PARQUET),
              "best_config": os.path.join(out, BEST_CONFIG), "curves": os.path.join(out, CURVES)}
     pacsv.write_csv(table, paths["csv"])
     pq.write_table(table, paths["parquet"])

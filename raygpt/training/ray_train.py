@@ -4,53 +4,39 @@ failure handling and resume. The Ray-specific code is here and only here."""
 from __future__ import annotations
 
 import os
-import secrets
 import sys
-import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 from raygpt import checkpoint as ckpt
-from raygpt import cluster
-from raygpt import storage
+from raygpt import cluster, storage
 from raygpt.config import Config, apply_overrides, config_from_dict
-from raygpt.data import check_shards, load_manifest
+from raygpt.data.shards import check_shards, load_manifest
 from raygpt.errors import TrainingFailed, UserError
-from raygpt.loop import Runtime, StepPlan, plan_for, train_loop
-from raygpt.runs import CONFIG_FILE, METRICS_FILE, Lease, newest_complete, newest_readable, read_events, read_metrics
-from raygpt.recovery import describe
-from raygpt.schedule import warmup_cosine_lr
+from raygpt.runs import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    Lease,
+    RunPaths,
+    new_run_name,
+    newest_complete,
+    newest_readable,
+    read_events,
+    read_metrics,
+    resume_paths,
+)
+from raygpt.training.loop import train_loop
+from raygpt.training.plan import StepPlan, plan_for
+from raygpt.training.recovery import describe
+from raygpt.training.runtime import Runtime
+from raygpt.training.schedule import warmup_cosine_lr
 
 PLOT_FILE = "loss.png"
 
 
-@dataclass
-class RunPaths:
-    storage: str  # absolute folder or URI
-    name: str
-
-    @property
-    def uri(self) -> str:
-        return storage.join(self.storage, self.name)
-
-
 # ----------------------------------------------------------------------------- runs and configs
-
-
-def new_run_name() -> str:
-    return f"raygpt-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-
-
-def resume_paths(resume: str, storage_path: str) -> RunPaths:
-    """`--resume` takes a run name (under the storage path) or a run folder / URI."""
-    if storage.is_uri(resume) or os.sep in resume or os.path.isdir(resume):
-        uri = storage.resolve_storage(resume).rstrip("/")
-        parent, _, name = uri.rpartition("/")
-        return RunPaths(parent, name)
-    return RunPaths(storage.resolve_storage(storage_path), resume)
 
 
 def run_config(paths: RunPaths, overrides: list[str]) -> Config:
@@ -124,8 +110,8 @@ def build_trainer(cfg: Config, paths: RunPaths, data_dir: str, extra_callbacks: 
     """A TorchTrainer for the run. Its workers' resources are waited for `start_timeout_s`
     (default run.resource_wait_s: an autoscaler may be adding nodes), then the run fails."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.v2.api.config import LoggingConfig
     from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.config import LoggingConfig
 
     r = cfg.run
     resources = cluster.worker_resources(cfg)
@@ -162,7 +148,7 @@ def lr_schedule(cfg: Config, plan: StepPlan) -> list[float]:
 
 
 def write_plot(cfg: Config, plan: StepPlan, run_uri: str) -> str:
-    from raygpt.plots import plot_run
+    from raygpt.training.plots import plot_run
 
     rows = read_metrics(run_uri)
     target = storage.join(run_uri, PLOT_FILE)

@@ -5,7 +5,7 @@ split, fused AdamW at the config's peak lr, clipping at 1.0.
 It times the same windows of steps as the other rows (`eval_freq` steps each) and writes them as
 metric rows, so `raygpt bench` measures all rows alike.
 
-    python -m raygpt.bench_bare CONFIG RUN_FOLDER THREADS
+    python -m raygpt.bench.bare CONFIG RUN_FOLDER THREADS
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raygpt import fastpath, perf, runs
+from raygpt import runs
 from raygpt.config import load_config
-from raygpt.data import load_manifest, read_shard
+from raygpt.data.shards import load_manifest, read_shard
 from raygpt.model import GPTModel
+from raygpt.training import perf, speed
 
 
 def bare_loop(config: str, run_dir: str, threads: int) -> None:
@@ -29,8 +30,8 @@ def bare_loop(config: str, run_dir: str, threads: int) -> None:
     torch.set_num_threads(threads)
     t, m = cfg.train, cfg.model
     device = torch.device("cuda" if cfg.run.use_gpu and torch.cuda.is_available() else "cpu")
-    precision = fastpath.resolve_precision(t.precision, device)
-    fastpath.set_tf32(device, t.tf32)
+    precision = speed.resolve_precision(t.precision, device)
+    speed.set_tf32(device, t.tf32)
     manifest = load_manifest(cfg.data.dir)
     shards = [read_shard(os.path.join(cfg.data.dir, s["file"])) for s in manifest["splits"]["train"]["shards"]]
     tokens = shards[0] if len(shards) == 1 else np.concatenate(shards)
@@ -38,7 +39,7 @@ def bare_loop(config: str, run_dir: str, threads: int) -> None:
     model = GPTModel.from_config(m).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.peak_lr, betas=tuple(cfg.optim.betas),
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, fused=True)
-    model = fastpath.maybe_compile(model, t.compile)
+    model = speed.maybe_compile(model, t.compile)
     b, n = t.batch_size, m.context_len
     generator = np.random.default_rng(t.seed)
     offsets = np.arange(n + 1)
@@ -61,7 +62,7 @@ def bare_loop(config: str, run_dir: str, threads: int) -> None:
         t0 = time.perf_counter()
         for _ in range(steps):
             x, y = batch()
-            with fastpath.autocast(device, precision):
+            with speed.autocast(device, precision):
                 loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -15,10 +15,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
-from raygpt import fastpath
 from raygpt.config import Config
-from raygpt.data import WindowDataset
+from raygpt.data.windows import WindowDataset
 from raygpt.tokenizer import EOT_ID, gpt2_encoding
+from raygpt.training import speed
 
 
 def spread_windows(n_windows: int, count: int) -> list[int]:
@@ -61,7 +61,7 @@ def evaluate(model: torch.nn.Module, ds: WindowDataset, windows: list[int], batc
         xs, ys = zip(*(ds[i] for i in mine[start:start + batch]))
         x = torch.stack(xs).to(rt.device, non_blocking=True)
         y = torch.stack(ys).to(rt.device, non_blocking=True)
-        with fastpath.autocast(rt.device, precision):
+        with speed.autocast(rt.device, precision):
             losses = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none")
         total += losses.float().view(len(xs), -1).mean(dim=1).double().sum()
     model.train()
@@ -81,7 +81,7 @@ def evaluate_first(model: torch.nn.Module, loader: DataLoader, batches: int, rt:
         if i >= batches:
             break
         x, y = x.to(rt.device), y.to(rt.device)
-        with fastpath.autocast(rt.device, precision):
+        with speed.autocast(rt.device, precision):
             total += F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
         count += 1
         windows += len(x)
@@ -117,7 +117,7 @@ class EvalSets:
         t, m = cfg.train, cfg.model
         self.mode, self.eval_iter, self.micro_batch, self.context_len, self.rt = (
             t.eval_mode, t.eval_iter, micro_batch, m.context_len, rt)
-        self.precision = fastpath.resolve_precision(t.precision, rt.device)
+        self.precision = speed.resolve_precision(t.precision, rt.device)
         self.datasets = {"train": train_ds, "val": val_ds}
         self.loaders: dict[str, DataLoader] = {}
         self.windows: dict[tuple[str, bool], list[int]] = {}

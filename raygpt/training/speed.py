@@ -11,8 +11,6 @@ from typing import Any
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16")
-
 
 def resolve_precision(setting: str, device: torch.device) -> str:
     """'auto' is bf16 on a GPU that supports it, else fp32 (on CPU bf16 is an explicit choice:

@@ -2,8 +2,8 @@
 
 Needs only torch and this repository on PYTHONPATH (no Ray, no YAML, no data set: token ids are
 drawn at random, which costs the GPU exactly what real ones do). Each step is the training loop's
-own `raygpt.step.train_step` (lr, per-step seed, autocast, backward, clip, non-finite check, AdamW)
-with the loop's speed options (raygpt.fastpath): bf16 autocast, TF32, fused AdamW, SDPA flash
+own `raygpt.training.step.train_step` (lr, per-step seed, autocast, backward, clip, non-finite check, AdamW)
+with the loop's speed options (raygpt.training.speed): bf16 autocast, TF32, fused AdamW, SDPA flash
 attention, torch.compile, the vocabulary padded to a multiple of 64. So its MFU is raygpt's.
 
     PYTHONPATH=. python bench/gpu_check.py                 # about 2-4 minutes on an H100/H200
@@ -24,16 +24,17 @@ import time
 
 import torch
 
-from raygpt import fastpath, perf
 from raygpt.model import PRESETS, GPTModel
-from raygpt.step import step_seed, train_step
+from raygpt.training import perf, speed
+from raygpt.training.step import step_seed, train_step
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="gpt2-small", choices=sorted(PRESETS))
     p.add_argument("--device", default="cuda")
-    p.add_argument("--precision", default="auto", choices=fastpath.PRECISIONS)
+    # train.precision's values (raygpt.config.PRECISIONS), written out: config needs PyYAML.
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--batch", type=int, default=16, help="sequences per step (default 16 x 1024 tokens)")
     p.add_argument("--steps", type=int, default=30, help="timed optimizer steps (default 30)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first: compile, allocator (default 5)")
@@ -44,14 +45,14 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device here (use --device cpu for a smoke run)")
-    precision = fastpath.resolve_precision(args.precision, device)
-    fastpath.set_tf32(device, True)
+    precision = speed.resolve_precision(args.precision, device)
+    speed.set_tf32(device, True)
     shape = PRESETS[args.preset]
     torch.manual_seed(0)
     model = GPTModel(**shape, dropout=0.0, pad_vocab_multiple=args.pad_vocab).to(device)
-    optimizer = fastpath.adamw([{"params": list(model.parameters()), "weight_decay": 0.1}], 6e-4, (0.9, 0.95),
-                               1e-8, fused=fastpath.fused_adamw(None, device))
-    step_model = fastpath.maybe_compile(model, args.compile)
+    optimizer = speed.adamw([{"params": list(model.parameters()), "weight_decay": 0.1}], 6e-4, (0.9, 0.95),
+                               1e-8, fused=speed.fused_adamw(None, device))
+    step_model = speed.maybe_compile(model, args.compile)
     t_len, vocab = shape["context_len"], model.cfg.vocabulary_size
     batch = torch.randint(0, vocab, (args.batch, t_len + 1), device=device)
     batches = itertools.repeat((batch[:, :-1], batch[:, 1:]))
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         **{k: round(v) for k, v in perf.peak_memory(device).items()},
     }
     assert math.isfinite(result["loss_last"]), "the loss is not finite"
-    mfu = f"{result['mfu']:.1%}" if result["mfu"] is not None else "n/a (GPU not in raygpt.perf.GPU_PEAKS)"
+    mfu = f"{result['mfu']:.1%}" if result["mfu"] is not None else "n/a (GPU not in raygpt.training.perf.GPU_PEAKS)"
     print(f"{result['device']}: {args.preset} {precision} compile={args.compile} batch {args.batch}x{t_len}: "
           f"{tokens_per_s:,.0f} tokens/s, {result['step_time_s'] * 1000:.0f} ms/step, MFU {mfu} "
           f"(warm-up {warmup_s:.0f} s, loss {first_loss:.2f} -> {result['loss_last']:.2f}), peak memory "

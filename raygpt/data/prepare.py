@@ -1,12 +1,11 @@
-"""Data: text -> GPT-2 token shards (Arrow, uint16) + manifest.json -> memory-mapped windows.
+"""Prepare: text -> GPT-2 token shards (Arrow, uint16) + manifest.json, in a local folder.
 
-`prepare` reads .txt / .jsonl ("text" field) / .parquet ("text" column) files, or the Python
-standard library's own sources, joins documents with <|endoftext|>, tokenizes them on all cores
-and writes one Arrow file per shard. The output folder appears only once complete (written
+`prepare_local` reads .txt / .jsonl ("text" field) / .parquet ("text" column) files, or the
+Python standard library's own sources, joins documents with <|endoftext|>, tokenizes them on all
+cores and writes one Arrow file per shard. The output folder appears only once complete (written
 elsewhere, then renamed), so an interrupted prepare never leaves a folder that looks done.
-
-`WindowDataset` serves (x, y) windows over the logical concatenation of a split's shards,
-memory-mapped: no copy of the corpus per worker and no tokenization at training time.
+`raygpt.data.remote.prepare_to` is what the command calls: this, or this then an upload when the
+output is a storage URI.
 """
 
 from __future__ import annotations
@@ -31,28 +30,16 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-from torch.utils.data import Dataset
 
 from raygpt import __version__, storage
+from raygpt.data.shards import MANIFEST, SPLITS, TOKENS_FORMAT_VERSION, file_sha256, foreign_files, load_manifest, own_files
 from raygpt.errors import UserError
 from raygpt.tokenizer import EOT_ID, MAX_ENCODE_CHARS, gpt2_encoding, text_chunks
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 SUFFIXES = (".txt", ".jsonl", ".parquet")
-SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 1 << 25  # 32 Mi tokens = 64 MiB per shard
 WORK_UNIT_CHARS = 1 << 18  # texts batched per tokenizer task: fewer futures, still balanced
 PROGRESS_LINE_S = 30.0  # a progress line this often when there is no terminal for a bar
-
-
-def num_windows(num_tokens: int, context_len: int, stride: int) -> int:
-    """Windows of context_len inputs (+1 target) starting every `stride` tokens, as the recipe's
-    `range(0, len(ids) - context_len, stride)`."""
-    if num_tokens <= context_len:
-        return 0
-    return (num_tokens - context_len - 1) // stride + 1
 
 
 def is_val_document(index: int, val_fraction: float) -> bool:
@@ -171,11 +158,6 @@ def read_documents(path: Path, stats: ReadStats) -> Iterator[str]:
             yield text
 
 
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def fingerprint(
     files: list[Path], options: dict[str, Any], root: Path | None = None, digests: dict[Path, str] | None = None
 ) -> str:
@@ -198,14 +180,6 @@ def write_shard(path: Path, tokens: np.ndarray) -> None:
     batch = pa.RecordBatch.from_arrays([column], names=["tokens"])
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
         writer.write_batch(batch)  # one record batch: the reader maps it as one zero-copy array
-
-
-def read_shard(path: Path | str) -> np.ndarray:
-    """Memory-map one shard and return its tokens as a read-only uint16 array (no copy)."""
-    reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
-    if reader.num_record_batches != 1:
-        raise UserError(f"shard {path} has {reader.num_record_batches} record batches, expected 1")
-    return reader.get_batch(0).column(0).to_numpy(zero_copy_only=True)
 
 
 class _SplitWriter:
@@ -295,108 +269,6 @@ def _tokenize_parallel(documents: Iterator[str], threads: int) -> Iterator[np.nd
 # ----------------------------------------------------------------------------- prepare
 
 
-def has_manifest(folder: str | Path) -> bool:
-    """Whether a prepared folder (local, NFS, or a storage URI) is complete: it has its manifest."""
-    uri = storage.join(str(folder), MANIFEST)
-    return storage.exists(uri) if storage.is_uri(str(folder)) else os.path.isfile(uri)
-
-
-def load_manifest(folder: str | Path) -> dict[str, Any]:
-    """The manifest of a prepared folder: local, NFS, or a storage URI (s3://, gs://, file://)."""
-    if not has_manifest(folder):
-        raise UserError(f"no {MANIFEST} in {folder}: run `raygpt prepare` to build the token shards first")
-    uri = storage.join(str(folder), MANIFEST)
-    try:
-        manifest = json.loads(storage.read_text(uri) if storage.is_uri(str(folder)) else Path(uri).read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"{uri} is not a raygpt manifest (not JSON: {exc})") from None
-    check_manifest_layout(manifest, uri)
-    return manifest
-
-
-_SHARD_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
-
-
-def check_manifest_layout(manifest: Any, where: str) -> None:
-    """The manifest's shape, before any of it is used: a mapping with both splits, each listing
-    shards whose file names are plain names inside the folder (a name such as
-    `../../x.arrow` would be read, or written into a cache, outside it)."""
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
-        raise UserError(f"{where} is not a raygpt manifest: expected a mapping with 'splits'")
-    for split in SPLITS:
-        shards = manifest["splits"].get(split, {}).get("shards") if isinstance(manifest["splits"].get(split), dict) else None
-        if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
-            raise UserError(f"{where}: splits.{split}.shards must be a list of shard entries")
-        for entry in shards:
-            name = entry.get("file")
-            if not isinstance(name, str) or not _SHARD_FILE.fullmatch(name):
-                raise UserError(f"{where}: shard file {name!r} in splits.{split} must be a plain file name "
-                                f"(letters, digits, '.', '_', '-'; no path)")
-            for key in ("tokens", "bytes"):
-                if (key in entry or key == "tokens") and not _is_count(entry.get(key)):
-                    raise UserError(f"{where}: shard {name} {key} must be a whole number >= 0, got {entry.get(key)!r}")
-    for split in SPLITS:  # the counts, once every split's shape and names are known good
-        total = manifest["splits"][split].get("tokens")
-        if not _is_count(total) or total != sum(e["tokens"] for e in manifest["splits"][split]["shards"]):
-            raise UserError(f"{where}: splits.{split}.tokens {total!r} is not the sum of its shards' tokens")
-    if not isinstance(manifest.get("fingerprint", ""), str):
-        raise UserError(f"{where}: fingerprint must be a string, got {manifest['fingerprint']!r}")
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def shard_entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    return [s for split in SPLITS for s in manifest["splits"][split]["shards"]]
-
-
-def shard_problem(folder: Path, manifest: dict[str, Any], full: bool = True) -> str | None:
-    """What is wrong with the shards in `folder` against the manifest, or None. `full` checks
-    content hashes; otherwise only sizes (cheap enough for every start)."""
-    for entry in shard_entries(manifest):
-        path = folder / entry["file"]
-        if not path.is_file():
-            return f"{entry['file']} is missing"
-        if "bytes" in entry and path.stat().st_size != entry["bytes"]:
-            return f"{entry['file']} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
-        if full and "sha256" in entry and file_sha256(path) != entry["sha256"]:
-            return f"{entry['file']} differs from the manifest's sha256"
-        if full and "sha256" not in entry and len(read_shard(path)) != entry["tokens"]:
-            return f"{entry['file']} does not hold the manifest's {entry['tokens']} tokens"
-    return None
-
-
-def check_data_for_model(manifest: dict[str, Any], folder: str, vocabulary_size: int) -> None:
-    """The data is a token format this raygpt reads and its token ids fit the model's vocabulary
-    (the manifest only: cheap enough for every trial's plan)."""
-    where = f"{folder}/{MANIFEST}"
-    version = manifest.get("format_version")
-    if manifest.get("format") != "raygpt-tokens" or not isinstance(version, int) or isinstance(version, bool):
-        raise UserError(f"{where} is not a raygpt token manifest (format {manifest.get('format')!r}, "
-                        f"version {version!r}); run `raygpt prepare` again")
-    if version > FORMAT_VERSION:
-        raise UserError(f"{where} has format version {version}, newer than this raygpt reads ({FORMAT_VERSION}); "
-                        f"upgrade raygpt or prepare the data again")
-    if manifest.get("tokenizer") != "gpt2" or manifest.get("dtype") != "uint16":
-        raise UserError(f"{where}: tokenizer {manifest.get('tokenizer')!r} / dtype {manifest.get('dtype')!r}; "
-                        f"this raygpt reads gpt2 / uint16 shards")
-    n_vocab = manifest.get("n_vocab", 50257)
-    if not isinstance(n_vocab, int) or n_vocab > vocabulary_size:
-        raise UserError(f"model.vocabulary_size {vocabulary_size} is smaller than the data's vocabulary "
-                        f"({n_vocab} gpt2 token ids in {folder}); use at least {n_vocab}")
-
-
-def check_shards(manifest: dict[str, Any], folder: str, full: bool = False) -> None:
-    """Before launch, once: every shard of a local folder is there at its manifest size, and with
-    `full` (`raygpt train --check`) its content hash (shards on storage are size- and hash-checked
-    when a node copies them)."""
-    if not storage.is_uri(folder):
-        problem = shard_problem(Path(folder), manifest, full=full)
-        if problem:
-            raise UserError(f"data {folder} is damaged: {problem}; run `raygpt prepare` again")
-
-
 def _check_windows(manifest: dict[str, Any], context_len: int) -> None:
     train_tokens = manifest["splits"]["train"]["tokens"]
     if train_tokens < context_len + 1:
@@ -406,7 +278,7 @@ def _check_windows(manifest: dict[str, Any], context_len: int) -> None:
         )
 
 
-def prepare(
+def prepare_local(
     inputs: list[str] | None = None,
     out: str | Path = "data/stdlib",
     *,
@@ -447,7 +319,7 @@ def prepare(
 
     out = Path(os.path.realpath(out))  # a symlinked --out: build where it points, the link stays
     options = {
-        "format_version": FORMAT_VERSION, "tokenizer": "gpt2", "source": source or "files",
+        "format_version": TOKENS_FORMAT_VERSION, "tokenizer": "gpt2", "source": source or "files",
         "val_fraction": val_fraction, "shard_tokens": shard_tokens,
     }
     if source == "stdlib":
@@ -482,7 +354,7 @@ def prepare(
         _check_windows(manifest, context_len)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if foreign:
-            _replace_own_files(tmp, out, old, manifest)
+            _replaceown_files(tmp, out, old, manifest)
         else:
             old_dir = out.parent / f".{out.name}.old-{socket.gethostname()}-{os.getpid()}"
             if out.exists():
@@ -507,25 +379,17 @@ def prepare(
     return manifest
 
 
-def _own_files(manifest: dict[str, Any] | None) -> set[str]:
-    """The files a prepare wrote: its manifest and the shards it lists."""
-    if manifest is None:
-        return set()
-    return {MANIFEST} | {s["file"] for split in SPLITS for s in manifest["splits"][split]["shards"]}
-
-
 def _foreign_entries(out: Path, old: dict[str, Any] | None) -> list[str]:
     """What `out` holds that raygpt did not write (folders shown with a trailing /)."""
     if not out.is_dir():
         return []
-    own = _own_files(old)
-    return sorted(e.name + ("/" if e.is_dir() else "") for e in out.iterdir() if e.name not in own)
+    return foreign_files((e.name + ("/" if e.is_dir() else "") for e in out.iterdir()), old)
 
 
-def _replace_own_files(new: Path, out: Path, old: dict[str, Any] | None, manifest: dict[str, Any]) -> None:
+def _replaceown_files(new: Path, out: Path, old: dict[str, Any] | None, manifest: dict[str, Any]) -> None:
     """`--force` into a folder holding others' files: swap only raygpt's own files. The manifest
     goes first and comes back last, so an interruption leaves a folder that does not look done."""
-    old_files, new_files = _own_files(old), _own_files(manifest) - {MANIFEST}
+    old_files, new_files = own_files(old), own_files(manifest) - {MANIFEST}
     clash = sorted(n for n in new_files if (out / n).exists() and n not in old_files)
     if clash:
         raise UserError(f"output {out} holds files named like raygpt's shards ({', '.join(clash[:3])}); "
@@ -591,7 +455,7 @@ def _tokenize_to(
     if count == 0:
         raise UserError(f"empty corpus: no text in {described}")
     return {
-        "format": "raygpt-tokens", "format_version": FORMAT_VERSION, "raygpt_version": __version__,
+        "format": "raygpt-tokens", "format_version": TOKENS_FORMAT_VERSION, "raygpt_version": __version__,
         "tokenizer": "gpt2", "n_vocab": 50257, "eot_id": EOT_ID, "dtype": "uint16",
         "options": options, "source": described,
         "fingerprint": fingerprint(files, options, root, stats.digests),
@@ -605,52 +469,3 @@ def _tokenize_to(
 # ----------------------------------------------------------------------------- windows
 
 
-class WindowDataset(Dataset):
-    """Item i is (x, y): `context_len` tokens starting at i * stride over the concatenation of a
-    split's shards, and the same window shifted by one. Shards are memory-mapped lazily, so a
-    pickled dataset (sent to a Ray worker or a DataLoader process) carries only paths."""
-
-    def __init__(self, folder: str | Path, split: str, context_len: int, stride: int | None = None):
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        self.folder = Path(folder)
-        manifest = load_manifest(folder)
-        self.context_len = context_len
-        self.stride = stride or context_len
-        shards = manifest["splits"][split]["shards"]
-        self.files = [str(self.folder / s["file"]) for s in shards]
-        # offsets[k] = first global token index of shard k; offsets[-1] = total tokens
-        self.offsets = np.cumsum([0] + [s["tokens"] for s in shards])
-        self.num_tokens = int(self.offsets[-1])
-        self._arrays: list[np.ndarray] | None = None
-
-    def __len__(self) -> int:
-        return num_windows(self.num_tokens, self.context_len, self.stride)
-
-    def _shards(self) -> list[np.ndarray]:
-        if self._arrays is None:
-            self._arrays = [read_shard(f) for f in self.files]
-        return self._arrays
-
-    def tokens(self, start: int, stop: int) -> np.ndarray:
-        """Global tokens [start, stop) of the split, across shard boundaries."""
-        arrays = self._shards()
-        k = int(np.searchsorted(self.offsets, start, side="right")) - 1
-        pieces = []
-        while start < stop:
-            lo = start - int(self.offsets[k])
-            hi = min(stop, int(self.offsets[k + 1])) - int(self.offsets[k])
-            pieces.append(arrays[k][lo:hi])
-            start += hi - lo
-            k += 1
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not 0 <= i < len(self):
-            raise IndexError(f"window {i} out of range for {len(self)} windows")
-        start = i * self.stride
-        chunk = torch.from_numpy(self.tokens(start, start + self.context_len + 1).astype(np.int64))
-        return chunk[:-1], chunk[1:]
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_arrays": None}

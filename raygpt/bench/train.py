@@ -1,6 +1,6 @@
 """`raygpt bench`: the same model and global batch trained five ways, interleaved in one sitting.
 
-  0  a bare PyTorch loop, the ceiling (raygpt.bench_bare): no DataLoader, no evals, no Ray
+  0  a bare PyTorch loop, the ceiling (raygpt.bench.bare): no DataLoader, no evals, no Ray
   a  the plain loop, no Ray:      raygpt train --no-ray          1 process x all threads
   b  raygpt, 1 Ray Train worker:  raygpt train                   1 worker x all threads
   c  raygpt, 2 Ray Train workers: raygpt train                   2 workers x half the threads each
@@ -25,8 +25,8 @@ from typing import Any
 import yaml
 
 from raygpt.errors import UserError
-from raygpt.runs import read_metrics
 from raygpt.model import PRESETS
+from raygpt.runs import read_metrics
 
 # Bench shapes: the model preset (or sizes) and the global batch each trains with.
 SHAPES: dict[str, dict[str, Any]] = {
@@ -68,7 +68,7 @@ def row_command(row: str, config: str, name: str, threads: int, address: str | N
     half = max(1, threads // 2)
     env = dict(os.environ)
     if row == "0":  # writes its metric rows where the run folder of `name` would be
-        return [sys.executable, "-m", "raygpt.bench_bare", config, name, str(threads)], env
+        return [sys.executable, "-m", "raygpt.bench.bare", config, name, str(threads)], env
     if row == "a":
         return raygpt + ["--no-ray", "--set", f"run.cpus_per_worker={threads}"], env
     if row in ("b", "c"):
@@ -102,7 +102,7 @@ def _refresh_cpu_peaks(precision: str, thread_counts: list[int]) -> None:
     sitting is against a peak measured on the machine as it is now (the cache keeps the best)."""
     import torch
 
-    from raygpt import perf
+    from raygpt.training import perf
 
     before = torch.get_num_threads()
     for n in thread_counts:
@@ -124,8 +124,8 @@ def bench_train(preset: str = "tiny", device: str = "cpu", precision: str = "fp3
         if torch.cuda.device_count() < 2:
             rows = rows.replace("c", "").replace("d", "")  # two workers need two GPUs
     threads = os.cpu_count() or 1
-    from raygpt.data import has_manifest
-    from raygpt.shared_data import prepare_to
+    from raygpt.data.remote import prepare_to
+    from raygpt.data.shards import has_manifest
 
     if not has_manifest(data_dir):
         prepare_to(data_dir, source="stdlib")

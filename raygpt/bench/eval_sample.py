@@ -5,7 +5,7 @@
 
 It loads a checkpoint (a checkpoint_* folder, or the newest one in a run folder) and scores every
 non-overlapping val window once: the whole split's loss. Then for each --tokens size it prints
-the loop's estimate (the mean over the windows `raygpt.evaluation.spread_windows` picks, the same
+the loop's estimate (the mean over the windows `raygpt.training.evaluation.spread_windows` picks, the same
 windows the loop reads with `train.eval_tokens` of that size), its error against the whole split,
 and the eval time per split: timed with the loop's own `evaluate` up to --time-max tokens, above
 that from the whole pass's throughput (marked ~). Also: the original recipe's first-N-batches
@@ -29,12 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raygpt import fastpath
-from raygpt.data import WindowDataset, prepare
+from raygpt.data.prepare import prepare_local
+from raygpt.data.windows import WindowDataset
 from raygpt.generate import load_model, resolve_checkpoint
 from raygpt.runs import METRICS_FILE
-from raygpt.evaluation import eval_window_count, evaluate, spread_windows
-from raygpt.loop import Runtime
+from raygpt.training import speed
+from raygpt.training.evaluation import eval_window_count, evaluate, spread_windows
+from raygpt.training.runtime import Runtime
 
 TOKENS = (4096, 8192, 16384, 32768, 65536, 131072, 262144)
 
@@ -45,7 +46,7 @@ def prepare_prose(out: str, val_fraction: float) -> None:
     with tempfile.TemporaryDirectory(prefix="raygpt-prose-") as src:
         for i, key in enumerate(sorted(topics)):
             Path(src, f"{i:03d}-{key}.txt").write_text(topics[key])
-        prepare([src], out, val_fraction=val_fraction, context_len=128, progress=False)
+        prepare_local([src], out, val_fraction=val_fraction, context_len=128, progress=False)
 
 
 @torch.no_grad()
@@ -55,7 +56,7 @@ def window_losses(model: torch.nn.Module, ds: WindowDataset, batch: int, precisi
     out = np.empty(len(ds), dtype=np.float64)
     for start in range(0, len(ds), batch):
         xs, ys = zip(*(ds[i] for i in range(start, min(start + batch, len(ds)))))
-        with fastpath.autocast(device, precision):
+        with speed.autocast(device, precision):
             losses = F.cross_entropy(model(torch.stack(xs)).flatten(0, 1), torch.stack(ys).flatten(), reduction="none")
         out[start:start + len(xs)] = losses.float().view(len(xs), -1).mean(dim=1).double().numpy()
     return out
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, state = load_model(folder)
     cfg = state["config"]
     t, ctx = cfg["train"], cfg["model"]["context_len"]
-    precision = fastpath.resolve_precision(t["precision"], torch.device("cpu"))
+    precision = speed.resolve_precision(t["precision"], torch.device("cpu"))
     batch = args.batch or t["batch_size"] // (cfg["run"]["num_workers"] * t["grad_accum_steps"])
     ds = WindowDataset(args.data, "val", ctx, ctx)
     n = len(ds)

@@ -27,12 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from raygpt.bench_train import SHAPES
+from raygpt.bench.train import SHAPES
 from raygpt.config import load_config
-from raygpt.data import WindowDataset, load_manifest, read_shard
+from raygpt.data.sampler import GlobalBatchSampler
+from raygpt.data.shards import load_manifest, read_shard
+from raygpt.data.windows import WindowDataset
 from raygpt.model import GPTModel
-from raygpt.sampler import GlobalBatchSampler
-from raygpt.step import step_seed
+from raygpt.training.step import step_seed
 
 
 def main() -> None:

@@ -18,9 +18,9 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from raygpt import fastpath
 from raygpt.errors import TrainingFailed
-from raygpt.schedule import clip_gradients, gradient_norm
+from raygpt.training import speed
+from raygpt.training.schedule import clip_gradients, gradient_norm
 
 
 def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
@@ -61,7 +61,7 @@ def train_step(
         last = micro == grad_accum_steps - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
-            with fastpath.autocast(device, precision):
+            with speed.autocast(device, precision):
                 loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
             (loss / grad_accum_steps).backward()
     norm = clip_gradients(model.parameters(), max_norm) if max_norm is not None else gradient_norm(model.parameters())

@@ -1,4 +1,4 @@
-"""Crash safety around the loop: restoring the newest valid checkpoint, saving one on SIGTERM,
+"""Crash safety around the loop: saving a checkpoint on SIGTERM,
 saying when a restart happened, and injecting faults to watch all of it work.
 
 Randomness needs no saved state: the loop reseeds every step from (seed, epoch, step, rank), and
@@ -16,9 +16,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from raygpt import checkpoint as ckpt
 from raygpt import runs, storage
-from raygpt.errors import UserError
 
 
 class InjectedFault(RuntimeError):
@@ -27,27 +25,6 @@ class InjectedFault(RuntimeError):
 
 class Preempted(RuntimeError):
     """Raised after the checkpoint a SIGTERM asked for is saved: this worker is going away."""
-
-
-# ----------------------------------------------------------------------------- restore
-
-
-def load_newest_valid(candidates: list[str], warn: Callable[[str], None],
-                      with_optimizer: bool = True) -> tuple[dict[str, Any], str] | None:
-    """Load the first candidate that loads; a damaged or partial one is skipped with a warning.
-    None when there are no candidates; an error when every one is damaged (never silently
-    start over)."""
-    for uri in candidates:
-        try:
-            with storage.temporary_dir() as tmp:
-                return ckpt.load_checkpoint(storage.download(uri, tmp), with_optimizer), uri
-        except UserError as exc:
-            warn(f"warning: skipping checkpoint {uri}: {exc}")
-    if candidates:
-        run = candidates[0].rstrip("/").rsplit("/", 1)[0]
-        raise UserError(f"none of the {len(candidates)} checkpoints in {run} loads (see the warnings above); "
-                        "move them aside to start the run over, or train under a new run.name")
-    return None
 
 
 # ----------------------------------------------------------------------------- restart reports

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU readiness check, one short script (about 5-10 minutes on an H100/H200):
-#   1. raygpt's train step (raygpt.step.train_step) on GPT-2 small, context 1024, bf16, one GPU,
+#   1. raygpt's train step (raygpt.training.step.train_step) on GPT-2 small, context 1024, bf16, one GPU,
 #      compiled and not: tokens/s, MFU, peak memory (bench/gpu_check.py; needs only torch);
 #   2. if Ray and PyYAML are installed: the same model through `raygpt bench` rows 0 (bare
 #      PyTorch loop), a (raygpt's loop) and b (raygpt on 1 Ray Train worker), compiled.

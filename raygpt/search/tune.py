@@ -1,6 +1,6 @@
 """Hyperparameter search on Ray Tune: trials in parallel, ASHA stopping weak ones early.
 
-Each trial trains one config of the search (raygpt.search expands and validates them) into its
+Each trial trains one config of the search (raygpt.search.spec expands and validates them) into its
 own run folder `train-<trial id>` inside the experiment folder, with the same loop as `raygpt
 train`. A 1-worker trial runs the loop inside the Tune trial itself (Tune reserves its worker's
 CPUs/GPU; no Train controller to start); a multi-worker trial builds and fits a TorchTrainer
@@ -26,8 +26,18 @@ import yaml
 from raygpt import storage
 from raygpt.config import Config
 from raygpt.errors import UserError
-from raygpt.search import SEARCH_FILE, Search, Trial, TuneSettings, check_trial, describe, expand, search_base, \
-    settings_from_dict, trial_config
+from raygpt.runs import SEARCH_FILE
+from raygpt.search.spec import (
+    Search,
+    Trial,
+    TuneSettings,
+    check_trial,
+    describe,
+    expand,
+    search_base,
+    settings_from_dict,
+    trial_config,
+)
 
 # A multi-worker trial's driver only waits on its Train controller; it reserves a token amount of
 # memory (Tune refuses an empty reservation) so that every CPU goes to training workers.
@@ -149,8 +159,7 @@ def tune_trial(params: dict[str, Any]) -> None:
     experiment folder (so a retried or restored trial resumes its own run)."""
     import ray.tune
 
-    from raygpt.runs import CONFIG_FILE
-    from raygpt.train import RunPaths
+    from raygpt.runs import CONFIG_FILE, RunPaths
 
     experiment_dir = params["experiment_dir"]
     saved = yaml.safe_load(storage.read_text(storage.join(experiment_dir, SEARCH_FILE)))
@@ -168,7 +177,7 @@ def tune_trial(params: dict[str, Any]) -> None:
     else:
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        from raygpt.train import build_trainer
+        from raygpt.training.ray_train import build_trainer
 
         start_wait = max(cfg.run.resource_wait_s, MIN_TRIAL_START_WAIT_S)
         build_trainer(cfg, run, data_dir, extra_callbacks=[TuneReportCallback()], start_timeout_s=start_wait,
@@ -180,7 +189,9 @@ def _train_in_trial(cfg: Config, run_dir: str, data_dir: str, save_steps: tuple[
     import ray.tune
     import torch
 
-    from raygpt.loop import Runtime, save_to_run_dir, train_loop
+    from raygpt.training.local import save_to_run_dir
+    from raygpt.training.loop import train_loop
+    from raygpt.training.runtime import Runtime
 
     torch.set_num_threads(max(1, int(cfg.run.cpus_per_worker)))
     use_cuda = cfg.run.use_gpu and torch.cuda.is_available()
@@ -220,7 +231,7 @@ def _experiment_name(settings: TuneSettings) -> str:
 
 
 def run_search(search: Search, *, address: str | None = None, log=print) -> str:
-    """Launch the search; return the experiment folder (analysed by raygpt.analysis)."""
+    """Launch the search; return the experiment folder (analysed by raygpt.search.analysis)."""
     import ray.tune
     from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
 
@@ -229,7 +240,7 @@ def run_search(search: Search, *, address: str | None = None, log=print) -> str:
     s = search.settings
     searcher = None
     if s.search_alg == "optuna":  # trials are suggested as results come in; these bound their length
-        from raygpt.optuna_search import length_probes, optuna_searcher
+        from raygpt.search.optuna_search import length_probes, optuna_searcher
 
         trials, searcher = length_probes(search), optuna_searcher(search)
         log(f"search: {s.num_samples} trials suggested by Optuna (TPE, seed {s.seed}) over {len(search.space)} keys; "

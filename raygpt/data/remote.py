@@ -22,7 +22,9 @@ from typing import Any, Callable
 import pyarrow.fs as pafs
 
 from raygpt import storage
-from raygpt import data
+from raygpt.data import shards
+from raygpt.data.prepare import prepare_local
+from raygpt.data.shards import MANIFEST
 from raygpt.errors import UserError
 
 CACHE_ENV = "RAYGPT_DATA_CACHE"
@@ -37,16 +39,16 @@ def local_shards(folder: str, log: Callable[[str], None] = print) -> str:
     """A local folder holding `folder`'s shards, copied to this node's cache when it is a URI."""
     if not storage.is_uri(folder):
         return folder
-    manifest_text = storage.read_text(storage.join(folder, data.MANIFEST))
+    manifest_text = storage.read_text(storage.join(folder, MANIFEST))
     manifest = json.loads(manifest_text)
-    data.check_manifest_layout(manifest, folder)  # shard names are plain names: copies stay in the cache
+    shards.check_manifest_layout(manifest, folder)  # shard names are plain names: copies stay in the cache
     key = hashlib.sha256(folder.rstrip("/").encode()).hexdigest()[:12]
     target = cache_root() / f"{key}-{manifest['fingerprint'][:12]}"
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{target}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one copy per node; the other workers wait, then reuse it
-        cached = target / data.MANIFEST
-        if cached.is_file() and cached.read_text() == manifest_text and data.shard_problem(target, manifest, full=False) is None:
+        cached = target / MANIFEST
+        if cached.is_file() and cached.read_text() == manifest_text and shards.shard_problem(target, manifest, full=False) is None:
             return str(target)
         start = time.perf_counter()
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
@@ -54,13 +56,13 @@ def local_shards(folder: str, log: Callable[[str], None] = print) -> str:
         tmp.mkdir()
         try:
             fs, path = storage.filesystem(folder)
-            for entry in data.shard_entries(manifest):
+            for entry in shards.shard_entries(manifest):
                 pafs.copy_files(f"{path.rstrip('/')}/{entry['file']}", str(tmp / entry["file"]),
                                 source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-            problem = data.shard_problem(tmp, manifest)
+            problem = shards.shard_problem(tmp, manifest)
             if problem:
                 raise UserError(f"the shards at {folder} do not match their manifest: {problem}; run `raygpt prepare` again")
-            (tmp / data.MANIFEST).write_text(manifest_text)
+            (tmp / MANIFEST).write_text(manifest_text)
             shutil.rmtree(target, ignore_errors=True)
             tmp.rename(target)
         finally:
@@ -69,30 +71,30 @@ def local_shards(folder: str, log: Callable[[str], None] = print) -> str:
         for old in target.parent.glob(f"{key}-*"):
             if old.is_dir() and old != target and ".tmp-" not in old.name:
                 shutil.rmtree(old, ignore_errors=True)
-        size = sum(e.get("bytes", 0) for e in data.shard_entries(manifest))
-        log(f"copied {len(data.shard_entries(manifest))} shards ({size / 2**20:.1f} MiB) from {folder} "
+        size = sum(e.get("bytes", 0) for e in shards.shard_entries(manifest))
+        log(f"copied {len(shards.shard_entries(manifest))} shards ({size / 2**20:.1f} MiB) from {folder} "
             f"to {target} in {time.perf_counter() - start:.1f} s")
     return str(target)
 
 
 def prepare_to(out: str, log: Callable[[str], None] = print, **options: Any) -> dict[str, Any]:
-    """`data.prepare` into `out`, a local folder or a storage URI (built locally, then uploaded:
+    """`raygpt prepare`: `prepare_local` into `out`, a local folder or a storage URI (built locally, then uploaded:
     shards first, the manifest last; a no-op when the manifest there matches the inputs)."""
     if not storage.is_uri(out):
-        return data.prepare(out=out, log=log, **options)
+        return prepare_local(out=out, log=log, **options)
     fs, path = storage.filesystem(out)
     path = path.rstrip("/")
     remote = {i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))}
-    old = storage.read_text(storage.join(out, data.MANIFEST)) if data.MANIFEST in remote else None
-    own: set[str] = set()
+    old = storage.read_text(storage.join(out, MANIFEST)) if MANIFEST in remote else None
+    old_manifest = None
     if old is not None:
         try:
             old_manifest = json.loads(old)
         except ValueError:
-            raise UserError(f"{out}/{data.MANIFEST} is not a raygpt manifest (not JSON)") from None
-        data.check_manifest_layout(old_manifest, out)
-        own = {data.MANIFEST} | {e["file"] for e in data.shard_entries(old_manifest)}
-    foreign = sorted(remote - own)
+            raise UserError(f"{out}/{MANIFEST} is not a raygpt manifest (not JSON)") from None
+        shards.check_manifest_layout(old_manifest, out)
+    own = shards.own_files(old_manifest)
+    foreign = shards.foreign_files(remote, old_manifest)
     if foreign and not options.get("force"):
         raise UserError(f"output {out} holds files raygpt did not write ({', '.join(foreign[:3])}); "
                         f"choose another --out, or pass --force to write raygpt's files beside them")
@@ -100,23 +102,23 @@ def prepare_to(out: str, log: Callable[[str], None] = print, **options: Any) -> 
         local = Path(tmp) / "data"
         local.mkdir()
         if old is not None:
-            (local / data.MANIFEST).write_text(old)  # lets prepare see an up-to-date output
-        manifest = data.prepare(out=local, log=lambda line: log(line.replace(str(local), out)), **options)
+            (local / MANIFEST).write_text(old)  # lets prepare see an up-to-date output
+        manifest = prepare_local(out=local, log=lambda line: log(line.replace(str(local), out)), **options)
         if old is not None and json.loads(old) == manifest:
             return manifest
-        names = {e["file"] for e in data.shard_entries(manifest)}
+        names = {e["file"] for e in shards.shard_entries(manifest)}
         clash = sorted(n for n in names & set(foreign))
         if clash:
             raise UserError(f"output {out} holds files named like raygpt's shards ({', '.join(clash[:3])}); "
                             f"choose another --out")
         if old is not None:
-            fs.delete_file(f"{path}/{data.MANIFEST}")  # until the new shards are all there
+            fs.delete_file(f"{path}/{MANIFEST}")  # until the new shards are all there
         fs.create_dir(path, recursive=True)
         for name in sorted(names):
             pafs.copy_files(str(local / name), f"{path}/{name}", source_filesystem=pafs.LocalFileSystem(),
                             destination_filesystem=fs)
-        for stale in own - names - {data.MANIFEST}:  # only files the old manifest listed
+        for stale in own - names - {MANIFEST}:  # only files the old manifest listed
             fs.delete_file(f"{path}/{stale}")
-        storage.write_text(storage.join(out, data.MANIFEST), (local / data.MANIFEST).read_text())
-        log(f"uploaded {len(names)} shards and {data.MANIFEST} to {out}")
+        storage.write_text(storage.join(out, MANIFEST), (local / MANIFEST).read_text())
+        log(f"uploaded {len(names)} shards and {MANIFEST} to {out}")
     return manifest

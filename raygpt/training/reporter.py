@@ -16,12 +16,13 @@ from typing import Any
 import torch
 
 from raygpt import checkpoint as ckpt
-from raygpt import fastpath, perf, recovery, runs, storage
+from raygpt import runs, storage
 from raygpt.config import Config
 from raygpt.errors import TrainingFailed
-from raygpt.evaluation import EvalSets, generate_sample
-from raygpt.schedule import warmup_cosine_lr
-from raygpt.tensorboard_log import TensorBoardLog
+from raygpt.training import perf, recovery, speed
+from raygpt.training.evaluation import EvalSets, generate_sample
+from raygpt.training.schedule import warmup_cosine_lr
+from raygpt.training.tensorboard_log import TensorBoardLog
 
 
 class Reporter:
@@ -34,7 +35,7 @@ class Reporter:
         self.rank0 = rt.rank == 0
         self.progress = recovery.ProgressMarker(rt.run_dir, rt.fit_id) if self.rank0 and rt.run_dir else None
         self.tensorboard = TensorBoardLog(rt.run_dir, log_rows) if self.rank0 and rt.run_dir else None
-        precision = fastpath.resolve_precision(cfg.train.precision, rt.device)
+        precision = speed.resolve_precision(cfg.train.precision, rt.device)
         self.flops_per_token = perf.model_flops_per_token(cfg.model)
         self.peak = perf.device_peak(rt.device, precision, cfg.run.peak_tflops) if self.rank0 else None
         self.elapsed_before = elapsed_before  # training seconds of the processes before this one

@@ -1,0 +1,1 @@
+"""Benchmarks that print figures: `raygpt bench ...` and `python -m raygpt.bench.<name>`."""

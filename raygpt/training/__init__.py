@@ -1,0 +1,1 @@
+"""Training: the plain PyTorch loop, its pieces, and the Ray Train edge around it."""

@@ -1,0 +1,55 @@
+"""The loop without Ray: one process, or DDP under `torchrun` (`raygpt train --no-ray`). The run
+folder is written as Ray Train would write it, so `raygpt runs`, resume and analysis read it alike."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from raygpt import runs, storage
+from raygpt.config import Config
+from raygpt.training.loop import train_loop
+from raygpt.training.runtime import Runtime
+
+
+def save_to_run_dir(run_dir: str, keep: int | None = None) -> Callable[[dict[str, Any], str | None, str | None], None]:
+    """The report of a run without Ray Train: copy each checkpoint into the run folder, and with
+    `keep`, keep only that many (best by val_loss) plus the newest, as Ray Train would."""
+
+    def report(metrics: dict[str, Any], folder: str | None, name: str | None) -> None:
+        if folder is not None and name is not None:
+            storage.upload(folder, storage.join(run_dir, name))
+            if keep is not None:
+                runs.prune_checkpoints(run_dir, keep)
+
+    return report
+
+
+def run_without_ray(cfg: Config, data_dir: str, run_dir: str) -> dict[str, Any]:
+    """The same loop with no Ray: one process, or DDP under `torchrun` (gloo on CPU, NCCL on GPU).
+    A run folder that already holds checkpoints is resumed from the newest valid one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    use_cuda = cfg.run.use_gpu and torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda else "cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+
+    def ddp(model: torch.nn.Module) -> torch.nn.Module:
+        if world == 1:
+            return model
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None,
+                                                         gradient_as_bucket_view=True)
+
+    cfg.run.num_workers = world  # the plan divides the batch over the processes actually running
+    rt = Runtime(rank=rank, world_size=world, device=device, run_dir=run_dir, fit_id=uuid.uuid4().hex,
+                 wrap_model=ddp, report=save_to_run_dir(run_dir) if rank == 0 else (lambda m, f, n: None))
+    try:
+        return train_loop(cfg, data_dir, rt)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()

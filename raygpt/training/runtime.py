@@ -1,0 +1,54 @@
+"""The seam between the loop and what runs it (Ray Train, torchrun, one process, a Tune trial):
+the `Runtime` the caller hands in, and the `TrainState` the loop advances and checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader
+
+
+@dataclass
+class Runtime:
+    """What the code around the loop provides."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    run_dir: str | None = None  # the run's folder (a path or storage URI): metrics log, checkpoints
+    fit_id: str = ""  # one per `fit`: tells a restart within it from a resume of an earlier one
+    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m
+    wrap_loader: Callable[[DataLoader], DataLoader] = lambda d: d
+    # Called on every rank at the same points (Ray's report is a barrier); the checkpoint folder
+    # and its name are given on rank 0 only, and the folder is deleted once report returns.
+    report: Callable[[dict[str, Any], str | None, str | None], None] = lambda metrics, folder, name: None
+    log: Callable[[str], None] = print
+    # Steps that also save a checkpoint (besides every save_freq and the end): a search saves
+    # where early stopping may stop a trial, so a stopped trial keeps where it stopped.
+    extra_save_steps: frozenset[int] = frozenset()
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # global batches consumed in this epoch
+    tokens_seen: int = 0
+    elapsed: float = 0.0  # wall seconds of training before this process took over
+
+    def advance(self, tokens: int, steps_per_epoch: int) -> None:
+        """One optimizer step done; an epoch's last step rolls over at once, so a checkpoint here
+        says "next epoch, batch 0"."""
+        self.step += 1
+        self.batch_in_epoch += 1
+        self.tokens_seen += tokens
+        if self.batch_in_epoch >= steps_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def checkpoint_fields(self, batch_size: int) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "samples_consumed": self.step * batch_size, "tokens_seen": self.tokens_seen,
+                # The metrics log is cut back to this step when a run restores this checkpoint.
+                "metrics_log_through_step": self.step}
