@@ -263,6 +263,34 @@ def test_optuna_suggests_valid_trials(ray_address, data_dir, tmp_path, run_cli):
     assert all(r["optim.initial_lr"] == 0.001 and r["status"] == "TERMINATED" for r in analysis.rows)
     assert len({r["optim.peak_lr"] for r in analysis.rows}) == 3
 
+    # Tune pickles the searcher into tuner.pkl by module path: a search saved by a raygpt whose
+    # modules had other names (before raygpt/search/ existed) is refused in one line on resume.
+    experiment = tmp_path / "runs" / "optuna"
+    rewrite_pickled_module(experiment / "tuner.pkl", "raygpt.search.optuna_search", "raygpt.optuna_search")
+    code, out, err = run_cli("tune", "--resume", str(experiment), "--address", ray_address)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "raygpt.optuna_search" in err and "start the search again" in err
+
+
+def rewrite_pickled_module(path: Path, module: str, old_name: str) -> None:
+    """Rewrite a pickle as if every class of `module` had lived in `old_name` when it was written."""
+    import importlib
+
+    import ray.cloudpickle as pickle
+
+    mod = importlib.import_module(module)
+    state = pickle.loads(path.read_bytes())
+    classes = [c for c in vars(mod).values() if isinstance(c, type) and c.__module__ == module]
+    sys.modules[old_name] = mod
+    try:
+        for c in classes:
+            c.__module__ = old_name
+        path.write_bytes(pickle.dumps(state))
+    finally:
+        for c in classes:
+            c.__module__ = module
+        del sys.modules[old_name]
+
 
 @pytest.mark.parametrize("max_t, eta", [(54, 3), (45, 3), (1000, 4), (12, 2)])
 def test_the_smallest_hyperband_bracket_is_rays(max_t, eta):

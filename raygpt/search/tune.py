@@ -315,7 +315,16 @@ def resume_search(experiment_dir: str, *, address: str | None = None, log=print)
     first = trial_config(search_base(saved), {})
     start_ray(address)
     log(f"resuming experiment {experiment_dir}")
-    Tuner.restore(experiment_dir, trainable=_trainable(first, settings), resume_unfinished=True,
-                  resume_errored=True).fit()
+    try:
+        tuner = Tuner.restore(experiment_dir, trainable=_trainable(first, settings), resume_unfinished=True,
+                              resume_errored=True)
+    except ModuleNotFoundError as exc:
+        # Tune pickles the searcher by module path, and raygpt keeps no alias for a moved module
+        # (raygpt.optuna_search became raygpt.search.optuna_search).
+        if not (exc.name or "").startswith("raygpt"):
+            raise
+        raise UserError(f"{experiment_dir} was saved by an older raygpt (it names the module {exc.name}, which "
+                        "this raygpt does not have): resume it with that version, or start the search again") from None
+    tuner.fit()
     return experiment_dir
 
