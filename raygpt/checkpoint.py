@@ -18,7 +18,7 @@ from raygpt import storage
 from raygpt.errors import UserError
 from raygpt.storage import STATE_FILE
 
-FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 1
 _PREFIXES = ("module.", "_orig_mod.")  # added by DDP and torch.compile
 
 
@@ -52,10 +52,12 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch
     if optimizer is not None:
         torch.save(optimizer.state_dict(), folder / "optimizer.pt")
     # state.json last: a folder with it is complete.
-    (folder / STATE_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, **state}, indent=1))
+    (folder / STATE_FILE).write_text(json.dumps({"format_version": CHECKPOINT_FORMAT_VERSION, **state}, indent=1))
 
 
-def read_state(folder: str | Path) -> dict[str, Any]:
+def load_state(folder: str | Path) -> dict[str, Any]:
+    """The state.json of a checkpoint folder on local disk, checked (`check_state`): a missing or
+    damaged one is a UserError."""
     path = Path(folder) / STATE_FILE
     try:
         state = json.loads(path.read_text())
@@ -75,9 +77,9 @@ def check_state(state: Any, where: str) -> None:
     version = state.get("format_version", 0)
     if not isinstance(version, int) or isinstance(version, bool):
         raise UserError(f"checkpoint {where} is damaged: format_version {version!r} is not an integer")
-    if version > FORMAT_VERSION:
+    if version > CHECKPOINT_FORMAT_VERSION:
         raise UserError(f"checkpoint {where} has format {version}, newer than this raygpt reads "
-                        f"({FORMAT_VERSION}); upgrade raygpt")
+                        f"({CHECKPOINT_FORMAT_VERSION}); upgrade raygpt")
     config = state.get("config")
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise UserError(f"checkpoint {where} is damaged: state.json has no model config")
@@ -86,7 +88,7 @@ def check_state(state: Any, where: str) -> None:
 def load_checkpoint(folder: str | Path, with_optimizer: bool = True) -> dict[str, Any]:
     """{"state": ..., "model": state dict, "optimizer": state dict or None} from a local folder."""
     folder = Path(folder)
-    state = read_state(folder)
+    state = load_state(folder)
     out: dict[str, Any] = {"state": state, "optimizer": None}
     files = ["model.pt"] + (["optimizer.pt"] if with_optimizer else [])
     for name in files:

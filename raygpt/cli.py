@@ -4,7 +4,6 @@ bad input (`UserError`) becomes one line on stderr and exit code 2."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from raygpt.errors import TrainingFailed, UserError
@@ -137,34 +136,11 @@ def _run_train(args: argparse.Namespace) -> None:
               f"of {cfg.train.batch_size} x {cfg.model.context_len} tokens on {cfg.run.num_workers} worker(s); "
               f"nothing started")
     elif args.no_ray:
-        _train_without_ray(cfg, args.resume)
+        from raygpt.training.local import train_without_ray
+
+        train_without_ray(cfg, args.resume)
     else:
         train(cfg, address=args.address, resume=args.resume)
-
-
-def _train_without_ray(cfg, resume: str | None) -> None:
-    """`raygpt train --no-ray`: the plain loop in this process (torchrun: one rank per process),
-    run.cpus_per_worker threads each; a run folder with checkpoints resumes from the newest."""
-    import torch
-
-    from raygpt import storage
-    from raygpt.data.shards import check_shards, load_manifest
-    from raygpt.runs import Lease, new_run_name, resume_paths
-    from raygpt.training.local import run_without_ray
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (cfg.run.name or resume):
-        raise UserError("under torchrun every rank must name the same run: set run.name")
-    torch.set_num_threads(max(1, int(cfg.run.cpus_per_worker)))
-    run_dir = (resume_paths(resume, cfg.run.storage_path).uri if resume
-               else storage.join(storage.resolve_storage(cfg.run.storage_path), cfg.run.name or new_run_name()))
-    data_dir = storage.resolve_storage(cfg.data.dir)
-    check_shards(load_manifest(data_dir), data_dir)  # as a launch on Ray checks them, before anything starts
-    print(f"run {run_dir.rsplit('/', 1)[-1]} without Ray -> {run_dir}")
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 holds the run's lease
-        run_without_ray(cfg, data_dir, run_dir)
-        return
-    with Lease(run_dir):
-        run_without_ray(cfg, data_dir, run_dir)
 
 
 def _add_tune(sub: argparse._SubParsersAction) -> None:
@@ -180,7 +156,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
 def _run_tune(args: argparse.Namespace) -> None:
     from raygpt.data.remote import prepare_to
     from raygpt.data.shards import has_manifest
-    from raygpt.search.analysis import report
+    from raygpt.search.analysis import report_search
     from raygpt.search.spec import load_search
     from raygpt.search.tune import resume_search, run_search
 
@@ -194,7 +170,7 @@ def _run_tune(args: argparse.Namespace) -> None:
         if data.get("source") and not has_manifest(data.get("dir", "")):
             prepare_to(data["dir"], source=data["source"])
         experiment = run_search(search, address=args.address)
-    analysis = report(experiment)
+    analysis = report_search(experiment)
     if analysis.failed:
         raise TrainingFailed(f"search failed: {len(analysis.errors)} of {len(analysis.rows)} trials ended in ERROR "
                              f"(causes above; experiment: {experiment})")
@@ -208,9 +184,9 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_analyze(args: argparse.Namespace) -> None:
-    from raygpt.search.analysis import report
+    from raygpt.search.analysis import report_search
 
-    report(args.experiment, args.out)
+    report_search(args.experiment, args.out)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -256,13 +232,13 @@ def _run_runs(args: argparse.Namespace) -> None:
     import json
 
     from raygpt import storage
-    from raygpt.listing import format_table, list_runs
+    from raygpt.listing import format_runs_table, list_runs
 
     entries = list_runs(args.storage)
     if args.json:
         print(json.dumps(entries, indent=1))
     elif entries:
-        print(format_table(entries))
+        print(format_runs_table(entries))
     else:
         print(f"no runs in {storage.resolve_storage(args.storage)}")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import Iterable
 
 from raygpt import storage
 from raygpt.config import Config
@@ -63,8 +64,9 @@ def worker_resources(cfg: Config) -> dict[str, float]:
     return {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
 
 
-def _shape(resources: dict[str, float], keys) -> str:
-    return ", ".join(f"{resources.get(k, 0):g} {k}" for k in keys)
+def resource_shape(resources: dict[str, float], keys: Iterable[str] | None = None) -> str:
+    """'2 CPU, 1 GPU': the amounts of `keys` (default: every resource but memory) in `resources`."""
+    return ", ".join(f"{resources.get(k, 0):g} {k}" for k in (keys or resources) if k != "memory")
 
 
 def autoscaler_adds_nodes_of_unknown_shape() -> bool:
@@ -99,8 +101,8 @@ def check_resources(cfg: Config, log=print) -> None:
         shapes += [(f"node type {g.name}", dict(g.resources)) for g in groups.node_group_configs if g.max_count]
     may_grow = groups is None and autoscaler_adds_nodes_of_unknown_shape()
     if not any(all(have.get(k, 0) >= v for k, v in per_worker.items()) for _, have in shapes):
-        offered = "; ".join(f"{name}: {_shape(have, per_worker)}" for name, have in shapes)
-        message = (f"each worker asks for {_shape(per_worker, per_worker)} (run.cpus_per_worker"
+        offered = "; ".join(f"{name}: {resource_shape(have, per_worker)}" for name, have in shapes)
+        message = (f"each worker asks for {resource_shape(per_worker, per_worker)} (run.cpus_per_worker"
                    f"{', run.gpus_per_worker' if r.use_gpu else ''}) but no node offers that ({offered})")
         if not may_grow:
             raise UserError(message)
@@ -138,8 +140,8 @@ def resources_never_came(cfg: Config) -> str:
 
     r, asked = cfg.run, worker_resources(cfg)
     return (f"the workers' resources did not come within run.resource_wait_s={r.resource_wait_s:g} s: "
-            f"{r.num_workers} workers x {_shape(asked, asked)} asked, the cluster has "
-            f"{_shape(ray.cluster_resources(), asked)} in all (raise run.resource_wait_s if the "
+            f"{r.num_workers} workers x {resource_shape(asked, asked)} asked, the cluster has "
+            f"{resource_shape(ray.cluster_resources(), asked)} in all (raise run.resource_wait_s if the "
             "autoscaler needs longer to add nodes)")
 
 

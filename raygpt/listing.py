@@ -155,7 +155,7 @@ def _last_change(files: list[pafs.FileInfo], metrics: list[dict[str, Any]]) -> s
 # ----------------------------------------------------------------------------- the table
 
 
-def format_table(entries: list[dict[str, Any]]) -> str:
+def format_runs_table(entries: list[dict[str, Any]]) -> str:
     """Aligned columns: name, kind, status, steps (trials for a search), best val, last change."""
     header = ["name", "kind", "status", "steps", "best val", "last change"]
     rows = [[e["name"], e["kind"], _status(e), _progress(e),

@@ -79,8 +79,9 @@ def unique_checkpoint_name(run_dir: str | None, step: int) -> str:
     return name if n == 0 else f"{name}-{n}"
 
 
-def read_state(checkpoint_uri: str) -> dict[str, Any] | None:
-    """A checkpoint's state.json, or None when it is missing or not a JSON object."""
+def peek_state(checkpoint_uri: str) -> dict[str, Any] | None:
+    """A checkpoint's state.json as stored (any storage URI), or None when it is missing or not a JSON
+    object: for listing and ordering, never for loading (`checkpoint.load_state` checks it)."""
     uri = storage.join(checkpoint_uri, STATE_FILE)
     try:
         state = json.loads(storage.read_text(uri))
@@ -103,7 +104,7 @@ def newest_readable(run_uri: str, warn: Callable[[str], None] = print) -> tuple[
     """The newest checkpoint whose state.json reads, with that state; damaged ones are skipped
     with a warning naming them (the loop skips them the same way when it restores)."""
     for uri in reversed(complete_checkpoints(run_uri)):
-        state = read_state(uri)
+        state = peek_state(uri)
         if state is not None:
             return uri, state
         warn(f"warning: skipping checkpoint {uri}: its {STATE_FILE} is damaged")
@@ -114,7 +115,7 @@ def best_checkpoint(run_uri: str) -> tuple[str | None, float]:
     """The kept checkpoint with the lowest val_loss its state.json records."""
     best, best_loss = None, math.inf
     for uri in complete_checkpoints(run_uri):
-        loss = (read_state(uri) or {}).get("val_loss")
+        loss = (peek_state(uri) or {}).get("val_loss")
         if isinstance(loss, (int, float)) and loss < best_loss:
             best, best_loss = uri, loss
     return best, best_loss
@@ -128,7 +129,7 @@ def prune_checkpoints(run_uri: str, keep: int) -> list[str]:
         return []
 
     def val_loss(uri: str) -> float:
-        loss = (read_state(uri) or {}).get("val_loss")
+        loss = (peek_state(uri) or {}).get("val_loss")
         return loss if isinstance(loss, (int, float)) else math.inf
 
     kept = set(sorted(uris, key=val_loss)[:keep]) | {uris[-1]}

@@ -55,7 +55,7 @@ def test_restart_event_tells_restart_from_resume(tmp_path):
     assert event["event"] == "restart" and event["recomputed_steps"] == 4
     assert event["from_checkpoint"] == "checkpoint_0000005"
     assert recovery.restart_event(str(tmp_path), "other", 5, "x/checkpoint_0000005")["event"] == "resume"
-    assert "4 steps recomputed" in recovery.describe(event)
+    assert "4 steps recomputed" in recovery.describe_event(event)
 
 
 def test_fault_fires_once(tmp_path):

@@ -14,9 +14,8 @@ from helpers import make_corpus, make_prose_corpus, search_raw, tiny_config
 from raygpt.config import load_config
 from raygpt.runs import read_events
 from raygpt.search.analysis import _tokens_to_max_t, analyze
-from raygpt.search.spec import TuneSettings, expand, parse_search
+from raygpt.search.spec import TuneSettings, expand, parse_search, rung_milestones
 from raygpt.search.tune import (
-    rung_milestones,
     rung_save_steps,
     runs_in_trial,
     trial_footprint,

@@ -150,10 +150,10 @@ def bench_train(preset: str = "tiny", device: str = "cpu", precision: str = "fp3
                 r = results[row][-1]
                 print(f"  round {round_ + 1}/{repeats} {row} {ROWS[row]:<26} {r['tokens_per_s']:>10,.0f} tokens/s  "
                       f"start-up {r['startup_s']:.1f} s", flush=True)
-    return report(results, preset, device, precision, compile_model, steps, repeats, threads)
+    return print_table(results, preset, device, precision, compile_model, steps, repeats, threads)
 
 
-def report(results: dict[str, list[dict[str, float]]], preset: str, device: str, precision: str,
+def print_table(results: dict[str, list[dict[str, float]]], preset: str, device: str, precision: str,
            compile_model: bool, steps: int, repeats: int, threads: int) -> dict[str, Any]:
     def median(row: str, key: str) -> float | None:
         values = [r[key] for r in results[row] if r[key] is not None]

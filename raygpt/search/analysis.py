@@ -22,6 +22,7 @@ from raygpt.errors import UserError
 from raygpt.runs import SEARCH_FILE, best_checkpoint, read_metrics
 from raygpt.search.spec import (
     TuneSettings,
+    rung_index,
     search_base,
     settings_from_dict,
     trial_config,
@@ -47,15 +48,6 @@ class Analysis:
     @property
     def failed(self) -> bool:
         return bool(self.errors)
-
-
-def _rung(stopped_at: float, settings: TuneSettings) -> int:
-    """The ASHA rung a trial stopped at: milestones grace_period x reduction_factor^k."""
-    k, milestone = 0, settings.grace_period
-    while milestone * settings.reduction_factor <= stopped_at + 1e-9:
-        milestone *= settings.reduction_factor
-        k += 1
-    return k
 
 
 def analyze(experiment_dir: str) -> Analysis:
@@ -106,7 +98,7 @@ def analyze(experiment_dir: str) -> Analysis:
             "total_steps": total_steps,
             "tokens": tokens,
             "stopped_early": finished_early,
-            "rung": _rung(time_value, settings) if finished_early else None,
+            "rung": rung_index(time_value, settings) if finished_early else None,
             "status": trial.status,
             "error": errors.get(trial.trial_id),
             "best_checkpoint": os.path.relpath(best_uri, experiment_dir) if best_uri and not storage.is_uri(best_uri)
@@ -201,7 +193,7 @@ def plot_curves(analysis: Analysis, path: str) -> None:
     plt.close(fig)
 
 
-def format_table(analysis: Analysis) -> str:
+def format_trials_table(analysis: Analysis) -> str:
     keys = ["trial_id", *analysis.varied, "best_val_loss", "last_val_loss", "steps", "tokens", "stopped_early",
             "rung", "status", "best_checkpoint"]
 
@@ -225,12 +217,12 @@ def format_table(analysis: Analysis) -> str:
     return "\n".join(lines)
 
 
-def report(experiment_dir: str, out_dir: str | None = None, log=print) -> Analysis:
+def report_search(experiment_dir: str, out_dir: str | None = None, log=print) -> Analysis:
     """Analyse, print the table, write the outputs: what `raygpt analyze` does."""
     analysis = analyze(experiment_dir)
     if not analysis.rows:
         raise UserError(f"experiment {experiment_dir} has no trials")
-    log(format_table(analysis))
+    log(format_trials_table(analysis))
     paths = write_outputs(analysis, out_dir)
     best = analysis.rows[0]
     if best["best_val_loss"] is None:

@@ -14,7 +14,7 @@ from typing import Any
 from ray.tune.search import Searcher
 
 from raygpt.errors import UserError
-from raygpt.search.spec import Search, Trial, check_trial, describe
+from raygpt.search.spec import Search, Trial, check_trial, describe_overrides
 
 # Keys that change how long a trial trains: the longest combination of them sets ASHA's max_t.
 LENGTH_KEYS = ("train.batch_size", "train.num_epochs", "train.max_steps", "train.max_tokens",
@@ -88,7 +88,7 @@ class ValidatingSearcher(Searcher):
         try:
             check_trial(self.base, overrides)
         except UserError as exc:
-            return f"{describe(overrides)}: {exc}"
+            return f"{describe_overrides(overrides)}: {exc}"
         return None
 
     def suggest(self, trial_id: str):

@@ -259,7 +259,7 @@ def expand(search: Search) -> tuple[list[Trial], list[str]]:
         try:
             trials.append(check_trial(search.base, overrides, manifest))
         except UserError as exc:
-            rejected.append(f"{describe(overrides)}: {exc}")
+            rejected.append(f"{describe_overrides(overrides)}: {exc}")
 
     if s.search_alg == "grid":
         for index in range(search.grid_size):
@@ -285,6 +285,20 @@ def _manifest(search: Search) -> dict[str, Any]:
     return manifest
 
 
-def describe(overrides: dict[str, Any]) -> str:
+def describe_overrides(overrides: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in overrides.items())
 
+
+def rung_milestones(settings: TuneSettings, max_t: float) -> list[float]:
+    """The values of time_attr where ASHA judges a trial, up to max_t."""
+    return [settings.grace_period * settings.reduction_factor ** k for k in range(rung_index(max_t, settings) + 1)]
+
+
+def rung_index(value: float, settings: TuneSettings) -> int:
+    """The last ASHA rung at or below `value` of time_attr: rung k is at grace_period x
+    reduction_factor^k (Ray's ASHAScheduler makes the same rungs)."""
+    k, milestone = 0, settings.grace_period
+    while milestone * settings.reduction_factor <= value + 1e-9:
+        milestone *= settings.reduction_factor
+        k += 1
+    return k

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from raygpt import storage
+from raygpt.cluster import resource_shape
 from raygpt.config import Config
 from raygpt.errors import UserError
 from raygpt.runs import SEARCH_FILE
@@ -32,8 +33,9 @@ from raygpt.search.spec import (
     Trial,
     TuneSettings,
     check_trial,
-    describe,
+    describe_overrides,
     expand,
+    rung_milestones,
     search_base,
     settings_from_dict,
     trial_config,
@@ -77,10 +79,6 @@ def trials_that_fit(capacity: dict[str, float], footprint: dict[str, float]) -> 
     return min(int(capacity.get(k, 0) / v + 1e-9) for k, v in footprint.items() if v > 0)
 
 
-def _shape(resources: dict[str, float], keys=None) -> str:
-    return ", ".join(f"{resources.get(k, 0):g} {k}" for k in (keys or resources) if k != "memory")
-
-
 def concurrency(cfg: Config, settings: TuneSettings, num_trials: int) -> tuple[int | None, str]:
     """The number of trials to run at once and why: the setting, never more than the cluster fits
     (the whole cluster an autoscaler may grow to). A trial that can never fit is refused."""
@@ -93,24 +91,17 @@ def concurrency(cfg: Config, settings: TuneSettings, num_trials: int) -> tuple[i
         return asked, (f"max_concurrent_trials {asked}" if asked else "no concurrency cap: the autoscaler "
                        "publishes no node shapes; set tune.max_concurrent_trials")
     fit = trials_that_fit(capacity, footprint)
-    where = f"the cluster {'can grow to' if grows else 'has'} {_shape(capacity, footprint)}"
+    where = f"the cluster {'can grow to' if grows else 'has'} {resource_shape(capacity, footprint)}"
     if fit == 0:
-        raise UserError(f"one trial needs {_shape(footprint)} (run.num_workers x run.cpus_per_worker"
+        raise UserError(f"one trial needs {resource_shape(footprint)} (run.num_workers x run.cpus_per_worker"
                         f"{', run.gpus_per_worker' if cfg.run.use_gpu else ''}) but {where}")
     cap = min(fit, num_trials) if asked is None else min(asked, fit)
     if asked is not None and asked > fit:
-        return cap, (f"max_concurrent_trials {asked} capped to {cap}: one trial holds {_shape(footprint)}, {where}")
-    return cap, f"{cap} trials at once: one trial holds {_shape(footprint)}, {where}"
+        return cap, (f"max_concurrent_trials {asked} capped to {cap}: one trial holds {resource_shape(footprint)}, {where}")
+    return cap, f"{cap} trials at once: one trial holds {resource_shape(footprint)}, {where}"
 
 
 # ----------------------------------------------------------------------------- ASHA's rungs
-
-
-def rung_milestones(settings: TuneSettings, max_t: float) -> list[float]:
-    """The values of time_attr where ASHA judges a trial: grace_period x reduction_factor^k up
-    to max_t (Ray's ASHAScheduler makes the same rungs)."""
-    count = int(math.log(max_t / settings.grace_period) / math.log(settings.reduction_factor) + 1)
-    return [settings.grace_period * settings.reduction_factor ** k for k in range(count)]
 
 
 def rung_save_steps(trial: Trial, settings: TuneSettings, max_t: float) -> tuple[int, ...]:
@@ -193,7 +184,6 @@ def _train_in_trial(cfg: Config, run_dir: str, data_dir: str, save_steps: tuple[
     from raygpt.training.loop import train_loop
     from raygpt.training.runtime import Runtime
 
-    torch.set_num_threads(max(1, int(cfg.run.cpus_per_worker)))
     use_cuda = cfg.run.use_gpu and torch.cuda.is_available()
     save = save_to_run_dir(run_dir, keep=cfg.run.num_to_keep)
 
@@ -271,7 +261,7 @@ def run_search(search: Search, *, address: str | None = None, log=print) -> str:
     if not searcher:
         log(f"launch order (seed {s.seed}{'' if s.shuffle else ', as listed'}):")
         for i, trial in enumerate(trials):
-            log(f"  {i + 1:>3}. {describe(trial.overrides)}")
+            log(f"  {i + 1:>3}. {describe_overrides(trial.overrides)}")
     # The saved search is what trials (and a resumed search) build their configs from; the data
     # folder is made absolute because every trial runs in a folder of its own.
     base = copy.deepcopy(search.base)

@@ -19,6 +19,7 @@ from raygpt.config import Config
 from raygpt.data.windows import WindowDataset
 from raygpt.tokenizer import EOT_ID, gpt2_encoding
 from raygpt.training import speed
+from raygpt.training.runtime import Runtime
 
 
 def spread_windows(n_windows: int, count: int) -> list[int]:
@@ -38,7 +39,7 @@ def eval_window_count(tokens: int | None, context_len: int, n_windows: int) -> i
     return n_windows if tokens is None else min(n_windows, -(-tokens // context_len))
 
 
-def _sum_over_workers(values: list[float], rt: Any) -> list[float]:
+def _sum_over_workers(values: list[float], rt: Runtime) -> list[float]:
     """Element-wise sum over the workers, in float64 (the values themselves on one worker)."""
     if rt.world_size == 1 or not dist.is_initialized():
         return values
@@ -48,7 +49,7 @@ def _sum_over_workers(values: list[float], rt: Any) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, ds: WindowDataset, windows: list[int], batch: int, rt: Any,
+def evaluate(model: torch.nn.Module, ds: WindowDataset, windows: list[int], batch: int, rt: Runtime,
              precision: str = "fp32") -> tuple[float, int]:
     """(mean cross-entropy over the windows `windows` of `ds`, how many windows), shared among the
     workers: this rank scores windows[rank::world_size], `batch` windows per forward pass, and the
@@ -70,7 +71,7 @@ def evaluate(model: torch.nn.Module, ds: WindowDataset, windows: list[int], batc
 
 
 @torch.no_grad()
-def evaluate_first(model: torch.nn.Module, loader: DataLoader, batches: int, rt: Any,
+def evaluate_first(model: torch.nn.Module, loader: DataLoader, batches: int, rt: Runtime,
                    precision: str = "fp32") -> tuple[float, int]:
     """`train.eval_mode: first`, the original recipe's eval: the mean cross-entropy of the first
     `batches` batches of `loader` (this rank's share of the split, in order), averaged over the
@@ -113,7 +114,7 @@ class EvalSets:
     there (65,536 tokens per split by default: a minute for the tiny model on 2 CPU cores) would
     be most of the start-up."""
 
-    def __init__(self, cfg: Config, train_ds: WindowDataset, val_ds: WindowDataset, micro_batch: int, rt: Any):
+    def __init__(self, cfg: Config, train_ds: WindowDataset, val_ds: WindowDataset, micro_batch: int, rt: Runtime):
         t, m = cfg.train, cfg.model
         self.mode, self.eval_iter, self.micro_batch, self.context_len, self.rt = (
             t.eval_mode, t.eval_iter, micro_batch, m.context_len, rt)

@@ -12,6 +12,9 @@ import torch.distributed as dist
 
 from raygpt import runs, storage
 from raygpt.config import Config
+from raygpt.data.shards import check_shards, load_manifest
+from raygpt.errors import UserError
+from raygpt.runs import new_run_name, resume_paths
 from raygpt.training.loop import train_loop
 from raygpt.training.runtime import Runtime
 
@@ -53,3 +56,21 @@ def run_without_ray(cfg: Config, data_dir: str, run_dir: str) -> dict[str, Any]:
     finally:
         if world > 1:
             dist.destroy_process_group()
+
+
+def train_without_ray(cfg: Config, resume: str | None) -> None:
+    """`raygpt train --no-ray`: the plain loop in this process (torchrun: one rank per process),
+    run.cpus_per_worker threads each; a run folder with checkpoints resumes from the newest.
+    Rank 0 holds the run's lease, as the driver does on Ray (`raygpt.training.ray_train.train`)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (cfg.run.name or resume):
+        raise UserError("under torchrun every rank must name the same run: set run.name")
+    run_dir = (resume_paths(resume, cfg.run.storage_path).uri if resume
+               else storage.join(storage.resolve_storage(cfg.run.storage_path), cfg.run.name or new_run_name()))
+    data_dir = storage.resolve_storage(cfg.data.dir)
+    check_shards(load_manifest(data_dir), data_dir)  # as a launch on Ray checks them, before anything starts
+    print(f"run {run_dir.rsplit('/', 1)[-1]} without Ray -> {run_dir}")
+    if int(os.environ.get("RANK", "0")) != 0:
+        run_without_ray(cfg, data_dir, run_dir)
+        return
+    with runs.Lease(run_dir):
+        run_without_ray(cfg, data_dir, run_dir)

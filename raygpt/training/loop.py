@@ -30,7 +30,7 @@ from raygpt.training.evaluation import EvalSets
 from raygpt.training.plan import plan_for
 from raygpt.training.reporter import Reporter
 from raygpt.training.runtime import Runtime, TrainState
-from raygpt.training.schedule import should_clip, warmup_cosine_lr
+from raygpt.training.schedule import lr_at, should_clip
 from raygpt.training.step import step_seed, train_step
 
 
@@ -82,6 +82,9 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
     """Build -> restore -> for each epoch: for each batch: step, report, save -> the last metrics."""
     t, o, m = cfg.train, cfg.optim, cfg.model
     rank0 = rt.rank == 0
+    # Every launcher (Ray worker, torchrun rank, Tune trial) runs this many threads; the same count
+    # on resume is part of what makes a resumed run bitwise equal to an uninterrupted one.
+    torch.set_num_threads(max(1, int(cfg.run.cpus_per_worker)))
     # Shards on a storage URI are copied to this node's disk once, then memory-mapped (and the
     # manifest is read from that copy, not fetched again).
     data_dir = local_shards(data_dir, log=rt.log if rank0 else lambda line: None)
@@ -111,7 +114,7 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     try:
         if state.step == 0:
-            metrics = reporter.report(state, save=False)  # the untrained model: where the curves start
+            metrics = reporter.evaluate_and_log(state, save=False)  # the untrained model: where the curves start
         model.train()
         while state.step < plan.total_steps:  # one pass per epoch; a resumed one from its batch
             sampler.set_position(state.epoch, state.batch_in_epoch)
@@ -119,8 +122,7 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
             for _ in range(min(plan.steps_per_epoch - state.batch_in_epoch, plan.total_steps - state.step)):
                 t0 = time.perf_counter()
                 train_step(model, optimizer, batches,
-                           lr=warmup_cosine_lr(state.step, plan.total_steps, o.warmup_steps, o.initial_lr,
-                                               o.peak_lr, o.min_lr),
+                           lr=lr_at(state.step, plan.total_steps, o),
                            seed=step_seed(t.seed, state.epoch, state.step, rt.rank),
                            max_norm=o.max_norm if should_clip(state.step, o.warmup_steps, o.clip_during_warmup) else None,
                            grad_accum_steps=t.grad_accum_steps, device=rt.device, precision=precision,
@@ -132,7 +134,7 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
                 done = state.step >= plan.total_steps
                 save = state.step % t.save_freq == 0 or done or state.step in rt.extra_save_steps
                 if save or state.step % t.eval_freq == 0:
-                    metrics = reporter.report(state, save, final=done)
+                    metrics = reporter.evaluate_and_log(state, save, final=done)
                 recovery.maybe_inject_fault(cfg.fault, state.step, rt.rank, rt.run_dir, rt.log)
     finally:
         stop.close()
@@ -164,7 +166,7 @@ def _restore_into(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg:
     log_rows: list[dict[str, Any]] = []
     if rt.rank == 0:
         event = recovery.restart_event(rt.run_dir, rt.fit_id, state.step, uri)
-        rt.log(recovery.describe(event))
+        rt.log(recovery.describe_event(event))
         log_rows = [r for r in runs.read_log(rt.run_dir) if "event" in r or r["step"] <= state.step] + [event]
     return state, log_rows
 

@@ -29,9 +29,9 @@ from raygpt.runs import (
 )
 from raygpt.training.loop import train_loop
 from raygpt.training.plan import StepPlan, plan_for
-from raygpt.training.recovery import describe
+from raygpt.training.recovery import describe_event
 from raygpt.training.runtime import Runtime
-from raygpt.training.schedule import warmup_cosine_lr
+from raygpt.training.schedule import lr_at
 
 PLOT_FILE = "loss.png"
 
@@ -81,14 +81,12 @@ def ray_worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Runs on every Ray Train worker: thin wiring from Ray to the plain loop."""
     import ray.train
     import ray.train.torch
-    import torch
 
     cfg = config_from_dict(loop_config["config"])
     cluster.quiet_report_lines()
     missing = cluster.missing_here({"data.dir": loop_config["data_dir"], "run folder": loop_config["run_dir"]})
     if missing:  # a node the autoscaler added after the driver's check, without the shared mount
         raise cluster.not_shared(missing, ray.util.get_node_ip_address())
-    torch.set_num_threads(max(1, int(cfg.run.cpus_per_worker)))
     ctx = ray.train.get_context()
     # The run restores from the newest valid checkpoint in its folder: the one Ray registered
     # (ray.train.get_checkpoint) is there, and so may be newer ones Ray never registered (saved
@@ -142,9 +140,7 @@ def build_trainer(cfg: Config, paths: RunPaths, data_dir: str, extra_callbacks: 
 
 
 def lr_schedule(cfg: Config, plan: StepPlan) -> list[float]:
-    o = cfg.optim
-    return [warmup_cosine_lr(s, plan.total_steps, o.warmup_steps, o.initial_lr, o.peak_lr, o.min_lr)
-            for s in range(plan.total_steps)]
+    return [lr_at(s, plan.total_steps, cfg.optim) for s in range(plan.total_steps)]
 
 
 def write_plot(cfg: Config, plan: StepPlan, run_uri: str) -> str:
@@ -218,7 +214,7 @@ def _fit(cfg: Config, paths: RunPaths, plan: StepPlan, data_dir: str, address: s
         f"{metrics.get('tokens_seen', 0):,} tokens")
     log(f"  checkpoints: {paths.uri} (latest {latest}; best {best.path if best else None})")
     for event in read_events(paths.uri):
-        log(f"  {describe(event)}")
+        log(f"  {describe_event(event)}")
     log(f"  metrics: {storage.join(paths.uri, METRICS_FILE)}")
     log(f"  plot: {plot}")
     return {"run_dir": paths.uri, "name": paths.name, "metrics": metrics, "latest_checkpoint": latest,

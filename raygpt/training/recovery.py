@@ -85,7 +85,7 @@ def restart_event(run_dir: str | None, fit_id: str, restored_step: int, checkpoi
     }
 
 
-def describe(event: dict[str, Any]) -> str:
+def describe_event(event: dict[str, Any]) -> str:
     what = "restart after a failure" if event["event"] == "restart" else "resume"
     return (f"{what}: from {event['from_checkpoint']} (step {event['restored_step']}); the run had reached "
             f"step {event['reached_step']}, {event['recomputed_steps']} steps recomputed")

@@ -21,12 +21,13 @@ from raygpt.config import Config
 from raygpt.errors import TrainingFailed
 from raygpt.training import perf, recovery, speed
 from raygpt.training.evaluation import EvalSets, generate_sample
-from raygpt.training.schedule import warmup_cosine_lr
+from raygpt.training.runtime import Runtime, TrainState
+from raygpt.training.schedule import lr_at
 from raygpt.training.tensorboard_log import TensorBoardLog
 
 
 class Reporter:
-    def __init__(self, cfg: Config, rt: Any, total_steps: int, model: torch.nn.Module,
+    def __init__(self, cfg: Config, rt: Runtime, total_steps: int, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, evals: EvalSets, data_fingerprint: str | None,
                  log_rows: list[dict[str, Any]], elapsed_before: float):
         self.cfg, self.rt, self.total_steps = cfg, rt, total_steps
@@ -51,7 +52,7 @@ class Reporter:
         if self.progress:
             self.progress.step = step
 
-    def report(self, state: Any, save: bool, final: bool = False) -> dict[str, Any]:
+    def evaluate_and_log(self, state: TrainState, save: bool, final: bool = False) -> dict[str, Any]:
         """Evaluate (`final`: the larger final sample), log and (if `save`) checkpoint; throughput
         over the steps since the last report. Called on every rank at the same steps."""
         t, o, m = self.cfg.train, self.cfg.optim, self.cfg.model
@@ -61,8 +62,7 @@ class Reporter:
         metrics = {
             "step": state.step, "epoch": state.epoch,
             **self.evals.evaluate(_unwrap(self.model), final, initial=state.step == 0),
-            "lr": warmup_cosine_lr(max(state.step - 1, 0), self.total_steps, o.warmup_steps, o.initial_lr,
-                                   o.peak_lr, o.min_lr),
+            "lr": lr_at(max(state.step - 1, 0), self.total_steps, o),
             "tokens_seen": state.tokens_seen,
             "tokens_per_s": tokens_per_s,
             "tokens_per_s_per_device": tokens_per_s / self.rt.world_size,
@@ -99,11 +99,11 @@ class Reporter:
             self.rt.report(metrics, folder, name)
         return metrics
 
-    def checkpoint_state(self, state: Any, elapsed: float, val_loss: float | None) -> dict[str, Any]:
+    def checkpoint_state(self, state: TrainState, elapsed: float, val_loss: float | None) -> dict[str, Any]:
         return {**state.checkpoint_fields(self.cfg.train.batch_size), "elapsed": elapsed, "val_loss": val_loss,
                 "config": self.cfg.to_dict(), "data_fingerprint": self.data_fingerprint}
 
-    def save_before_exit(self, state: Any) -> None:
+    def save_before_exit(self, state: TrainState) -> None:
         """SIGTERM: this rank writes the checkpoint itself (DDP replicas hold the same model and
         optimizer state), straight into the run folder, then leaves; the restart resumes here."""
         name = runs.unique_checkpoint_name(self.rt.run_dir, state.step)

@@ -6,9 +6,12 @@ Both take the optimizer step, never scheduler state, so a resumed run continues 
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
+
+if TYPE_CHECKING:  # only torch at run time: the GPU check imports this with no PyYAML
+    from raygpt.config import OptimConfig
 
 
 def warmup_cosine_lr(
@@ -21,6 +24,11 @@ def warmup_cosine_lr(
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
+
+
+def lr_at(step: int, total_steps: int, optim: OptimConfig) -> float:
+    """The lr of optimizer step `step` (0-based) of a run of `total_steps`, under `optim`'s schedule."""
+    return warmup_cosine_lr(step, total_steps, optim.warmup_steps, optim.initial_lr, optim.peak_lr, optim.min_lr)
 
 def should_clip(step: int, warmup_steps: int, clip_during_warmup: bool = False) -> bool:
     """Clip from the first step after warmup (`>=`; the recipe's original `>` skips that step, a known
