@@ -1,6 +1,6 @@
 # Two entry points, each sets itself up first, in either order:
 #   make demo   the main job: prepare the default corpus if needed, train the tiny model on Ray
-#   make test   the whole test suite (fast unit tests + slow end-to-end runs on a real local Ray)
+#   make test   lint, then the whole test suite (fast unit tests + slow end-to-end runs on a real local Ray)
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # otherwise the package's torch range lets pip choose the (CUDA) build.
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo torch==2.13.0)
 
-.PHONY: setup demo tune test test-fast bench clean
+.PHONY: setup demo tune lint test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -25,7 +25,10 @@ demo: $(STAMP)
 tune: $(STAMP)
 	$(VENV)/bin/raygpt tune --config jobs/tune.yaml
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: $(STAMP) lint
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)

@@ -55,7 +55,8 @@ def _run_prepare(args: argparse.Namespace) -> None:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks that print figures (default: training, five ways)",
                        description="Without a subcommand: the same model and global batch trained as (0) a bare "
-                                   "PyTorch loop, the ceiling, (a) the plain loop, (b) raygpt with 1 worker, (c) raygpt with 2 workers, (d) torchrun "
+                                   "PyTorch loop, the ceiling, (a) the plain loop, (b) raygpt with 1 worker, "
+                                   "(c) raygpt with 2 workers, (d) torchrun "
                                    "with 2 processes, interleaved; a table and one JSON object.")
     p.add_argument("--preset", default="tiny", help="tiny | small | gpt2-small (default tiny)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -97,7 +98,9 @@ def _run_bench_prepare(args: argparse.Namespace) -> None:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="pre-train on Ray Train (an embedded local Ray, or a cluster)")
-    p.add_argument("--config", help="YAML config (default for a new run: jobs/pretrain.yaml's defaults)")
+    p.add_argument("--config", help="YAML config (default: the built-in defaults, GPT-2 small on data.dir data/stdlib, "
+                   "which must be prepared; the tiny demo job is jobs/pretrain.yaml; "
+                   "with --resume: the run's own config)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--address", help="Ray cluster to join: 'auto' or HOST:PORT (default: start a local Ray)")
     p.add_argument("--resume", metavar="RUN", help="continue a run (its name under run.storage_path, or its folder)")
@@ -208,7 +211,8 @@ def _run_generate(args: argparse.Namespace) -> None:
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 folder (transformers loads it)")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint folder, a run folder (its newest), or a storage URI")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint folder, a run folder (its newest), or a storage URI")
     p.add_argument("--out", required=True, help="the folder to write (config.json, model.safetensors, tokenizer files)")
     p.set_defaults(func=_run_export)
 

@@ -279,7 +279,8 @@ def read_yaml_file(path: str | Path, what: str) -> Any:
     try:
         text = Path(path).read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UserError(f"{what} {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
+        raise UserError(f"{what} {path} is not UTF-8 text "
+                        f"(byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
     except OSError as exc:
         raise UserError(f"cannot read {what} {path}: {exc.strerror}") from None
     try:

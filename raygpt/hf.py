@@ -123,7 +123,8 @@ def model_shape_from_gpt2_config(config: dict[str, Any]) -> dict[str, Any]:
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's printable stand-ins for the 256 byte values (vocab.json / merges.txt spell tokens
     with them)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Architecture presets. gpt2-* are the four GPT-2 sizes; `tiny` trains in minutes on 2 CPU cores.
+# Architecture presets. gpt2-* are the four GPT-2 sizes; `tiny` is sized for CPUs (the demo job).
 PRESETS: dict[str, dict] = {
     "tiny": dict(embedding_dim=128, num_layers=4, num_heads=4, context_len=128),
     "gpt2-small": dict(embedding_dim=768, num_layers=12, num_heads=12, context_len=1024),

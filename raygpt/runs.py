@@ -5,6 +5,7 @@
         metrics.jsonl              one row per report, plus event rows (restarts, resumes)
         progress.json              the step the run has reached (refreshed while it trains)
         lease.json                 the process writing the run now: owner and heartbeat
+        loss.png                   the loss curves and lr schedule, drawn when the run ends
         checkpoint_<step>[-<n>]/   model.pt, optimizer.pt, state.json (written last)
 
 Every other module asks this one for "the newest complete checkpoint", "the best", the metrics
@@ -36,6 +37,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 PROGRESS_FILE = "progress.json"
 LEASE_FILE = "lease.json"
+PLOT_FILE = "loss.png"  # drawn when a run ends (raygpt.training.plots)
 # An experiment folder (a search): its saved search, and the trial table written when it ends.
 SEARCH_FILE = "search.yaml"
 TRIALS_CSV = "trials.csv"  # the trial table, also as TRIALS_PARQUET (raygpt.search.analysis)

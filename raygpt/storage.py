@@ -143,7 +143,8 @@ def upload(local_dir: str, uri: str) -> None:
     fs.create_dir(path, recursive=True)
     names = sorted(os.listdir(local_dir), key=lambda n: n == STATE_FILE)  # state.json last
     for name in names:
-        pafs.copy_files(os.path.join(local_dir, name), f"{path}/{name}", source_filesystem=local, destination_filesystem=fs)
+        pafs.copy_files(os.path.join(local_dir, name), f"{path}/{name}",
+                        source_filesystem=local, destination_filesystem=fs)
 
 
 def download(uri: str, local_dir: str) -> str:

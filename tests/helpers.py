@@ -1,9 +1,12 @@
 """Shared set-up for tests that train: a small prepared corpus and tiny configs."""
 
+import json
 from pathlib import Path
 
+import numpy as np
+
 from raygpt.config import Config, load_config
-from raygpt.data.prepare import prepare_local
+from raygpt.data.prepare import prepare_local, write_shard
 
 CORPUS = (
     "def add(a, b):\n    return a + b\n\n"
@@ -89,3 +92,17 @@ def one_line_error(run_cli, *args) -> str:
     assert code == 2, (out, err)
     assert err.startswith("raygpt: error: ") and err.count("\n") == 1 and "Traceback" not in err
     return err
+
+
+
+def folder_with_shards(tmp_path, sizes):
+    """A hand-made prepared folder whose train split is 0..N-1 spread over shards of `sizes`."""
+    start, shards = 0, []
+    for k, n in enumerate(sizes):
+        name = f"train-{k:05d}.arrow"
+        write_shard(tmp_path / name, np.arange(start, start + n, dtype=np.uint16))
+        shards.append({"file": name, "tokens": n})
+        start += n
+    manifest = {"splits": {"train": {"tokens": start, "shards": shards}, "val": {"tokens": 0, "shards": []}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    return tmp_path

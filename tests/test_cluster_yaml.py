@@ -197,12 +197,15 @@ def _doc_policy(name: str) -> dict:
 
 def test_the_instance_profiles_are_least_privilege():
     head, worker = _doc_policy("raygpt-head"), _doc_policy("raygpt-worker")
-    actions = {a for st in head["Statement"] for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}
+    actions = {a for st in head["Statement"]
+               for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}
     assert actions == {"s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "ec2:RunInstances",
                        "ec2:DescribeInstances", "ec2:DescribeInstanceTypes", "ec2:DescribeImages", "ec2:CreateTags",
                        "ec2:TerminateInstances", "iam:PassRole"}
-    by_action = {a: st for st in head["Statement"] for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}
-    assert by_action["ec2:TerminateInstances"]["Condition"]["StringEquals"] == {"ec2:ResourceTag/ray-cluster-name": "raygpt"}
+    by_action = {a: st for st in head["Statement"]
+                 for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}
+    assert (by_action["ec2:TerminateInstances"]["Condition"]["StringEquals"]
+            == {"ec2:ResourceTag/ray-cluster-name": "raygpt"})
     assert by_action["iam:PassRole"]["Resource"].endswith(":role/raygpt-worker")
     assert all(not a.startswith("ec2") for st in worker["Statement"] for a in
                ([st["Action"]] if isinstance(st["Action"], str) else st["Action"]))

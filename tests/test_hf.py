@@ -72,7 +72,8 @@ def test_a_transformers_gpt2_imports_with_identical_logits_and_round_trips_exact
     hf.export(ours, tmp_path / "again")
     import safetensors.torch as st
 
-    first, second = st.load_file(tmp_path / "theirs" / "model.safetensors"), st.load_file(tmp_path / "again" / "model.safetensors")
+    first, second = (st.load_file(tmp_path / "theirs" / "model.safetensors"),
+                     st.load_file(tmp_path / "again" / "model.safetensors"))
     assert set(second) <= set(first)
     assert all(torch.equal(first[k], second[k]) for k in second)  # bit-exact
 

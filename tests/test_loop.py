@@ -10,17 +10,13 @@ import torch
 import torch.nn.functional as F
 from helpers import make_corpus, make_prose_corpus, tiny_config, tiny_overrides
 
-from raygpt.config import TrainConfig, load_config
+from raygpt.config import load_config
 from raygpt.data.windows import WindowDataset
-from raygpt.errors import UserError
 from raygpt.generate import load_model
 from raygpt.model import GPTModel
 from raygpt.runs import read_events, read_metrics
-from raygpt.training.evaluation import spread_windows
 from raygpt.training.local import run_without_ray
 from raygpt.training.loop import build_optimizer
-from raygpt.training.plan import plan_steps
-from raygpt.training.step import step_seed
 
 # A val split whose head is far easier than the rest: this repetitive document comes first in it
 # (and in train, so the model learns it), then the pydoc topics' prose.
@@ -42,38 +38,6 @@ def run(cfg, data_dir, run_dir):
 
 
 # ----------------------------------------------------------------------------- planning
-
-
-def test_plan_micro_batch_and_steps():
-    plan = plan_steps(TrainConfig(batch_size=16, grad_accum_steps=2, num_epochs=3), 100, 2, 128, 5)
-    assert (plan.micro_batch, plan.steps_per_epoch, plan.total_steps) == (4, 6, 18)
-
-
-def test_plan_max_steps_and_max_tokens_define_total():
-    assert plan_steps(TrainConfig(batch_size=4, max_steps=50), 10, 1, 8, 5).total_steps == 50
-    assert plan_steps(TrainConfig(batch_size=4, max_tokens=1000), 10, 1, 8, 5).total_steps == 32
-    assert plan_steps(TrainConfig(batch_size=4, max_steps=20, max_tokens=1000), 10, 1, 8, 5).total_steps == 20
-
-
-@pytest.mark.parametrize(
-    "kw, windows, workers, warmup, message",
-    [
-        (dict(batch_size=10), 100, 4, 0, "train.batch_size 10 does not divide over run.num_workers 4 x "
-                                          "train.grad_accum_steps 1; use a multiple of 4"),
-        (dict(batch_size=8, grad_accum_steps=3), 100, 1, 0, "use a multiple of 3"),
-        (dict(batch_size=64), 50, 1, 0, r"train.batch_size 64 is larger than the dataset \(50 train windows\)"),
-        (dict(batch_size=4, num_epochs=1), 40, 1, 10, "optim.warmup_steps 10 must be < total steps 10"),
-    ],
-)
-def test_plan_refuses(kw, windows, workers, warmup, message):
-    with pytest.raises(UserError, match=message):
-        plan_steps(TrainConfig(**kw), windows, workers, 8, warmup)
-
-
-def test_step_seed_differs_by_every_part():
-    seeds = {step_seed(1, 0, 0, 0), step_seed(2, 0, 0, 0), step_seed(1, 1, 0, 0), step_seed(1, 0, 1, 0),
-             step_seed(1, 0, 0, 1)}
-    assert len(seeds) == 5 and all(0 <= s < 2**63 for s in seeds)
 
 
 def test_decay_matrices_only_spares_biases_norms_and_embeddings():
@@ -176,21 +140,6 @@ def whole_split_loss(checkpoint, data_dir, split="val"):
             logits = model(torch.stack(xs))
             total += F.cross_entropy(logits.flatten(0, 1), torch.stack(ys).flatten(), reduction="sum").double().item()
     return total / (len(ds) * context_len)
-
-
-@pytest.mark.parametrize("n, count", [(10, 3), (1000, 7), (1944, 512), (5, 5), (5, 50), (2, 2), (100, 99)])
-def test_spread_windows_are_evenly_spaced_over_the_whole_split(n, count):
-    picked = spread_windows(n, count)
-    assert picked == spread_windows(n, count)  # a pure function: the same at every eval, on every rank
-    assert len(picked) == min(n, count) and len(set(picked)) == len(picked) and picked == sorted(picked)
-    assert picked[0] == 0 and picked[-1] == n - 1  # the beginning and the end of the split
-    gaps = [b - a for a, b in zip(picked, picked[1:])]
-    assert max(gaps) - min(gaps) <= 1
-    assert spread_windows(n, 10**9) == list(range(n))  # capped: the whole split
-
-
-def test_spread_windows_edge_cases():
-    assert spread_windows(7, 1) == [0] and spread_windows(0, 5) == [] and spread_windows(1, 3) == [0]
 
 
 def test_final_val_loss_is_the_whole_split_loss_and_first_batches_are_not(prose_dir, tmp_path, capsys):

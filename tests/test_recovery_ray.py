@@ -113,7 +113,8 @@ def test_driver_killed_then_resumed_from_a_new_process(ray_address, data_dir, re
 
     while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
         time.sleep(0.5)  # the dead driver's workers are torn down
-    code, out, err = run_cli("train", "--resume", "d", "--address", ray_address, "--set", f"run.storage_path={tmp_path}")
+    code, out, err = run_cli("train", "--resume", "d", "--address", ray_address,
+                             "--set", f"run.storage_path={tmp_path}")
     assert code == 0, err
     assert_exact(reference, tmp_path / "d")
     (event,) = read_events(str(tmp_path / "d"))

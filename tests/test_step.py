@@ -88,3 +88,9 @@ def test_the_gpu_check_runs_the_training_step():
             "print(gpu_check.train_step is raygpt.training.step.train_step)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
     assert out.strip() == "True"
+
+
+def test_step_seed_differs_by_every_part():
+    seeds = {step_seed(1, 0, 0, 0), step_seed(2, 0, 0, 0), step_seed(1, 1, 0, 0), step_seed(1, 0, 1, 0),
+             step_seed(1, 0, 0, 1)}
+    assert len(seeds) == 5 and all(0 <= s < 2**63 for s in seeds)

@@ -37,7 +37,8 @@ def test_a_killed_upload_never_leaves_state_json_beside_partial_weights(tmp_path
         proc.wait()
         done = run / "checkpoint_0000001"
         if (done / "state.json").exists():
-            assert (done / "model.pt").stat().st_size == size, f"killed at +{delay} s: state.json beside partial weights"
+            assert (done / "model.pt").stat().st_size == size, (
+                f"killed at +{delay} s: state.json beside partial weights")
         for uri in runs.list_checkpoints(str(run)) if run.exists() else []:
             assert (tmp_path / uri / "state.json").exists()
 

@@ -243,7 +243,8 @@ def test_a_trial_still_in_error_fails_the_search_naming_it_and_why(ray_address, 
     assert code == 1
     assert "search failed: 1 of 2 trials ended in ERROR" in err
     failed = next(r for r in analyze(str(tmp_path / "runs" / "fault")).rows if r["status"] == "ERROR")
-    assert f"trial {failed['trial_id']} ERROR: raygpt.training.recovery.InjectedFault: injected fault after step 7 on rank 0" in out
+    assert (f"trial {failed['trial_id']} ERROR: "
+            "raygpt.training.recovery.InjectedFault: injected fault after step 7 on rank 0") in out
     assert "best trial" in out  # the table and the analysis are printed first
 
 

@@ -1,7 +1,7 @@
 """Eval sample size: how close the loop's spread val estimate comes to the whole val split, and its cost.
 
-    PYTHONPATH=. .venv/bin/python bench/eval_sample.py --checkpoint runs/evalcheck --data data/stdlib
-    PYTHONPATH=. .venv/bin/python bench/eval_sample.py --prepare-prose data/prose     # English prose corpus
+    .venv/bin/python -m raygpt.bench.eval_sample --checkpoint runs/evalcheck --data data/stdlib
+    .venv/bin/python -m raygpt.bench.eval_sample --prepare-prose data/prose     # English prose corpus
 
 It loads a checkpoint (a checkpoint_* folder, or the newest one in a run folder) and scores every
 non-overlapping val window once: the whole split's loss. Then for each --tokens size it prints

@@ -6,9 +6,9 @@ own `raygpt.training.step.train_step` (lr, per-step seed, autocast, backward, cl
 with the loop's speed options (raygpt.training.speed): bf16 autocast, TF32, fused AdamW, SDPA flash
 attention, torch.compile, the vocabulary padded to a multiple of 64. So its MFU is raygpt's.
 
-    PYTHONPATH=. python bench/gpu_check.py                 # about 2-4 minutes on an H100/H200
-    PYTHONPATH=. python bench/gpu_check.py --no-compile --batch 8 --steps 20
-    PYTHONPATH=. python bench/gpu_check.py --device cpu --preset tiny --steps 3   # a smoke run
+    python -m raygpt.bench.gpu_check                 # about 2-4 minutes on an H100/H200
+    python -m raygpt.bench.gpu_check --no-compile --batch 8 --steps 20
+    python -m raygpt.bench.gpu_check --device cpu --preset tiny --steps 3   # a smoke run
 
 Prints one line per measurement and a final JSON object.
 """

@@ -66,7 +66,8 @@ def bench_prepare(repeats: int = 2, threads: int | None = None) -> dict:
     print(f"prepare benchmark: {len(documents):,} stdlib documents, {corpus_mb:.1f} MB, {n_prep:,} tokens, "
           f"median of {repeats} interleaved runs")
     print(f"  {'single-thread encode_ordinary loop':<44}{result['baseline_tokens_per_s']:>14,} tokens/s")
-    print(f"  {f'raygpt prepare ({threads} threads, incl. read+write)':<44}{result['prepare_tokens_per_s']:>14,} tokens/s")
+    print(f"  {f'raygpt prepare ({threads} threads, incl. read+write)':<44}"
+          f"{result['prepare_tokens_per_s']:>14,} tokens/s")
     print(f"  {'ratio prepare / loop':<44}{result['ratio']:>14.2f}x")
     print(json.dumps(result))
     return result

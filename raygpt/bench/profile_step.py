@@ -12,7 +12,7 @@ step so both see the machine in the same state:
     optimizer  AdamW foreach (raygpt's default on CPU before)  vs  fused
     zero_grad
 
-    PYTHONPATH=. python bench/profile_step.py --data data/stdlib --steps 20
+    python -m raygpt.bench.profile_step --data data/stdlib --steps 20
 """
 
 from __future__ import annotations

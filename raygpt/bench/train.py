@@ -107,7 +107,8 @@ def _refresh_cpu_peaks(precision: str, thread_counts: list[int]) -> None:
     before = torch.get_num_threads()
     for n in thread_counts:
         torch.set_num_threads(n)
-        print(f"  CPU matmul peak, {n} thread(s), {precision}: {perf.cpu_peak(precision, refresh=True) / 1e9:,.0f} GFLOP/s")
+        print(f"  CPU matmul peak, {n} thread(s), {precision}: "
+              f"{perf.cpu_peak(precision, refresh=True) / 1e9:,.0f} GFLOP/s")
     torch.set_num_threads(before)
 
 

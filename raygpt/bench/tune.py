@@ -84,16 +84,19 @@ def bench_tune(address: str | None = None, data_dir: str = "data/stdlib", arms: 
             best = a.rows[0]
             timings = _trial_timings(experiment, a)
             concurrency = raw["tune"]["max_concurrent_trials"]
-            out[label] = {"tokens": a.tokens_trained, "tokens_to_max_t": a.tokens_full_grid, "wall_s": round(seconds, 1),
+            out[label] = {"tokens": a.tokens_trained, "tokens_to_max_t": a.tokens_full_grid,
+                          "wall_s": round(seconds, 1),
                           "best_val_loss": round(best["best_val_loss"], 4), "best": {k: best[k] for k in a.varied},
                           "stopped_early": sum(r["stopped_early"] for r in a.rows), "errors": len(a.errors),
                           "startup_s_per_trial": timings["startup_s"],
                           "overhead_s_per_trial": round((seconds * concurrency - timings["loop_s"]) / len(a.rows), 1)}
-            print(f"bench tune: {label} done: {json.dumps(out[label])}", flush=True)  # a long sitting: figures as they come
+            # a long sitting: figures as they come
+            print(f"bench tune: {label} done: {json.dumps(out[label])}", flush=True)
     print(f"tune benchmark: 16 configurations, 1 worker each, 2 at a time, ASHA reduction factor 3, data {data_dir}")
     for label in arms:
         r = out[label]
-        print(f"  {label:<13} tokens {r['tokens']:>10,}  wall {r['wall_s']:>7.1f} s  start-up {r['startup_s_per_trial']} s"
+        print(f"  {label:<13} tokens {r['tokens']:>10,}  wall {r['wall_s']:>7.1f} s"
+              f"  start-up {r['startup_s_per_trial']} s"
               f"  overhead {r['overhead_s_per_trial']} s/trial  best val {r['best_val_loss']:.4f}"
               f"  stopped early {r['stopped_early']:>2}  errors {r['errors']}  best {r['best']}")
     if "full_grid" in out:
@@ -104,6 +107,7 @@ def bench_tune(address: str | None = None, data_dir: str = "data/stdlib", arms: 
             r["same_best"] = r["best"] == full["best"]
             r["val_loss_gap"] = round((r["best_val_loss"] - full["best_val_loss"]) / full["best_val_loss"], 4)
             print(f"  {label}: tokens {r['token_ratio']:.2f} of the full grid's (goal <= 0.40); same winner: "
-                  f"{r['same_best']}; winner's val loss {r['val_loss_gap']:+.2%} vs the full grid's best (goal within 1%)")
+                  f"{r['same_best']}; winner's val loss {r['val_loss_gap']:+.2%} "
+                  "vs the full grid's best (goal within 1%)")
     print(json.dumps(out))
     return out

@@ -130,7 +130,8 @@ def _error_cause(trial: Any) -> str:
     except Exception:  # the error file is gone or unreadable: say so rather than fail the analysis
         text = ""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    causes = [line for line in lines if not line.startswith(("File ", "^", "~", "During handling", "The above", "Traceback"))
+    causes = [line for line in lines
+              if not line.startswith(("File ", "^", "~", "During handling", "The above", "Traceback"))
               and ": " in line and line.split(":", 1)[0].replace(".", "").replace("_", "").isalnum()]
     cause = causes[-1] if causes else (lines[-1] if lines else "no error text saved")
     return f"{cause} (traceback: {trial.error_file})" if trial.error_file else cause
@@ -179,7 +180,8 @@ def plot_curves(analysis: Analysis, path: str) -> None:
         if not metrics:
             continue
         xs, ys = [m[attr] for m in metrics], [m["val_loss"] for m in metrics]
-        label = ", ".join(f"{k.split('.')[-1]}={row[k]:.3g}" if isinstance(row[k], float) else f"{k.split('.')[-1]}={row[k]}"
+        label = ", ".join(f"{k.split('.')[-1]}={row[k]:.3g}" if isinstance(row[k], float)
+                          else f"{k.split('.')[-1]}={row[k]}"
                           for k in analysis.varied)
         (line,) = ax.plot(xs, ys, label=label, alpha=0.85)
         if row["stopped_early"]:
@@ -228,6 +230,7 @@ def report_search(experiment_dir: str, out_dir: str | None = None, log=print) ->
     if best["best_val_loss"] is None:
         log("no trial reported a val loss")
     else:
-        log(f"best trial {best['trial_id']}: val loss {best['best_val_loss']:.4f}, checkpoint {best['best_checkpoint']}")
+        log(f"best trial {best['trial_id']}: val loss {best['best_val_loss']:.4f}, "
+            f"checkpoint {best['best_checkpoint']}")
     log(f"wrote {paths['csv']}, {paths['parquet']}, {paths['best_config']}, {paths['curves']}")
     return analysis

@@ -161,7 +161,8 @@ def _check_settings(s: TuneSettings) -> None:
     if s.scheduler not in SCHEDULERS:
         raise UserError(f"tune.scheduler must be one of {', '.join(SCHEDULERS)}, got {s.scheduler!r}")
     if s.metric not in REPORTED:
-        raise UserError(f"tune.metric {s.metric!r} is never reported by the trainer; choose one of {', '.join(REPORTED)}")
+        raise UserError(f"tune.metric {s.metric!r} is never reported by the trainer; "
+                        f"choose one of {', '.join(REPORTED)}")
     if s.mode not in ("min", "max"):
         raise UserError(f"tune.mode must be min or max, got {s.mode!r}")
     if s.time_attr not in TIME_ATTRS:

@@ -97,7 +97,8 @@ def concurrency(cfg: Config, settings: TuneSettings, num_trials: int) -> tuple[i
                         f"{', run.gpus_per_worker' if cfg.run.use_gpu else ''}) but {where}")
     cap = min(fit, num_trials) if asked is None else min(asked, fit)
     if asked is not None and asked > fit:
-        return cap, (f"max_concurrent_trials {asked} capped to {cap}: one trial holds {resource_shape(footprint)}, {where}")
+        return cap, (f"max_concurrent_trials {asked} capped to {cap}: "
+                     f"one trial holds {resource_shape(footprint)}, {where}")
     return cap, f"{cap} trials at once: one trial holds {resource_shape(footprint)}, {where}"
 
 
@@ -248,7 +249,8 @@ def run_search(search: Search, *, address: str | None = None, log=print) -> str:
     name = _experiment_name(s)
     experiment_dir = storage.join(storage_root, name)
     if storage.exists(experiment_dir):
-        raise UserError(f"experiment {name} already exists in {storage_root}; use `raygpt tune --resume {experiment_dir}`")
+        raise UserError(f"experiment {name} already exists in {storage_root}; "
+                        f"use `raygpt tune --resume {experiment_dir}`")
     start_ray(address)
     check_resources(first, log)
     num_trials = s.num_samples if searcher else len(trials)
@@ -257,7 +259,8 @@ def run_search(search: Search, *, address: str | None = None, log=print) -> str:
     bracket = hyperband_smallest_bracket(max_t, s.reduction_factor)
     if s.scheduler == "hyperband" and s.early_stopping and cap < bracket:
         log(f"warning: tune.scheduler hyperband halves a bracket of {bracket} trials at the least, but only "
-            f"{cap} run at once and Tune creates trials as slots free: it will stop nothing early (measured); use tune.scheduler asha, or more concurrency")
+            f"{cap} run at once and Tune creates trials as slots free: it will stop nothing early (measured); "
+            "use tune.scheduler asha, or more concurrency")
     if not searcher:
         log(f"launch order (seed {s.seed}{'' if s.shuffle else ', as listed'}):")
         for i, trial in enumerate(trials):
@@ -280,7 +283,8 @@ def run_search(search: Search, *, address: str | None = None, log=print) -> str:
         tune_config=TuneConfig(metric=s.metric, mode=s.mode, scheduler=_scheduler(s, max_t),
                                search_alg=searcher, num_samples=num_trials if searcher else 1,
                                max_concurrent_trials=cap),
-        run_config=RunConfig(name=name, storage_path=storage_root, failure_config=FailureConfig(max_failures=s.max_failures)),
+        run_config=RunConfig(name=name, storage_path=storage_root,
+                             failure_config=FailureConfig(max_failures=s.max_failures)),
     )
     runner = "in the trial" if runs_in_trial(first, s) else "a TorchTrainer each"
     log(f"experiment {name}: {num_trials} trials x {first.run.num_workers} workers ({runner}); {why}")

@@ -111,8 +111,8 @@ class EvalSets:
 
     The step-0 report of a new run (`initial`) reads one global batch of spread windows per
     split: an untrained model's loss is ln(vocabulary) to within noise anywhere, and a full eval
-    there (65,536 tokens per split by default: a minute for the tiny model on 2 CPU cores) would
-    be most of the start-up."""
+    there (65,536 tokens per split by default; README "Evaluation" has its cost) would be most of
+    the start-up."""
 
     def __init__(self, cfg: Config, train_ds: WindowDataset, val_ds: WindowDataset, micro_batch: int, rt: Runtime):
         t, m = cfg.train, cfg.model
@@ -149,5 +149,6 @@ class EvalSets:
                 windows = self.initial[split] if initial else self.windows[split, final and split == "val"]
                 out[split] = evaluate(model, ds, windows, self.micro_batch, self.rt, self.precision)
         return {"train_loss": out["train"][0], "val_loss": out["val"][0],
-                "eval_tokens": out["val"][1] * self.context_len, "train_eval_tokens": out["train"][1] * self.context_len,
+                "eval_tokens": out["val"][1] * self.context_len,
+                "train_eval_tokens": out["train"][1] * self.context_len,
                 "eval_time": time.perf_counter() - t0, "final_eval": final and self.mode == "spread"}

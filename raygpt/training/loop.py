@@ -1,11 +1,11 @@
-"""The training loop: plain PyTorch, the recipe's `hyper_pretrain_model` made distributed.
+"""The training loop: plain PyTorch, the training loop of docs/recipe.md made distributed.
 
-It runs the same under Ray Train (raygpt.training.ray_train), under torchrun, or alone in one process; what
-differs is the `Runtime` the caller hands in (rank, device, how to wrap the model and loader,
-how to report). Per optimizer step: lr from the step, forward, cross-entropy, backward (with
-`no_sync` on inner accumulation micro-steps), clipping after warmup, AdamW step. Every eval_freq
-steps: train and val loss over fixed windows spread across each whole split (`spread_windows`),
-shared among the workers; the last report reads a larger sample.
+It runs the same under Ray Train (`raygpt.training.ray_train`), under torchrun or alone in one
+process (`raygpt.training.local`), or in a Tune trial (`raygpt.search.tune`); what differs is the
+`Runtime` the caller hands in (rank, device, how to wrap the model and loader, how to report).
+`train_loop` reads top to bottom: build -> restore -> for each epoch: for each batch: step
+(`raygpt.training.step`), report and save (`raygpt.training.reporter`, which evaluates with
+`raygpt.training.evaluation`) -> the last metrics.
 """
 
 from __future__ import annotations
@@ -124,7 +124,8 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
                 train_step(model, optimizer, batches,
                            lr=lr_at(state.step, plan.total_steps, o),
                            seed=step_seed(t.seed, state.epoch, state.step, rt.rank),
-                           max_norm=o.max_norm if should_clip(state.step, o.warmup_steps, o.clip_during_warmup) else None,
+                           max_norm=(o.max_norm if should_clip(state.step, o.warmup_steps, o.clip_during_warmup)
+                                     else None),
                            grad_accum_steps=t.grad_accum_steps, device=rt.device, precision=precision,
                            step_label=f"step {state.step + 1} on rank {rt.rank}")
                 state.advance(tokens_per_step, plan.steps_per_epoch)

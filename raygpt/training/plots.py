@@ -1,8 +1,16 @@
-"""The two figures of the recipe: train/val loss against tokens seen, and the lr schedule."""
+"""The two figures of the recipe: train/val loss against tokens seen, and the lr schedule, drawn
+into a run folder when the run ends."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+from raygpt import storage
+from raygpt.config import Config
+from raygpt.runs import PLOT_FILE, read_metrics
+from raygpt.training.plan import StepPlan
+from raygpt.training.schedule import lr_at
 
 
 def plot_run(rows: list[dict[str, Any]], lrs: list[float], path: str) -> str:
@@ -30,3 +38,21 @@ def plot_run(rows: list[dict[str, Any]], lrs: list[float], path: str) -> str:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def lr_schedule(cfg: Config, plan: StepPlan) -> list[float]:
+    return [lr_at(s, plan.total_steps, cfg.optim) for s in range(plan.total_steps)]
+
+
+def write_plot(cfg: Config, plan: StepPlan, run_uri: str) -> str:
+    rows = read_metrics(run_uri)
+    target = storage.join(run_uri, PLOT_FILE)
+    if storage.is_uri(run_uri):
+        with storage.temporary_dir() as tmp:
+            local = plot_run(rows, lr_schedule(cfg, plan), os.path.join(tmp, PLOT_FILE))
+            with open(local, "rb") as f:
+                fs, path = storage.filesystem(target)
+                with fs.open_output_stream(path) as out:
+                    out.write(f.read())
+        return target
+    return plot_run(rows, lr_schedule(cfg, plan), target)

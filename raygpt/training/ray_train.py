@@ -1,9 +1,10 @@
 """Ray Train around the loop: a TorchTrainer with DDP workers, shared checkpoint storage,
-failure handling and resume. The Ray-specific code is here and only here."""
+failure handling and resume, and `raygpt train`'s launch. The loop it runs (`raygpt.training.loop`)
+imports no Ray; the other edges are `raygpt.cluster` (starting and inspecting Ray, every private
+Ray call) and `raygpt.search` (Ray Tune)."""
 
 from __future__ import annotations
 
-import os
 import sys
 import uuid
 from typing import Any
@@ -24,17 +25,12 @@ from raygpt.runs import (
     newest_complete,
     newest_readable,
     read_events,
-    read_metrics,
     resume_paths,
 )
 from raygpt.training.loop import train_loop
 from raygpt.training.plan import StepPlan, plan_for
 from raygpt.training.recovery import describe_event
 from raygpt.training.runtime import Runtime
-from raygpt.training.schedule import lr_at
-
-PLOT_FILE = "loss.png"
-
 
 # ----------------------------------------------------------------------------- runs and configs
 
@@ -139,27 +135,8 @@ def build_trainer(cfg: Config, paths: RunPaths, data_dir: str, extra_callbacks: 
 # ----------------------------------------------------------------------------- the command
 
 
-def lr_schedule(cfg: Config, plan: StepPlan) -> list[float]:
-    return [lr_at(s, plan.total_steps, cfg.optim) for s in range(plan.total_steps)]
-
-
-def write_plot(cfg: Config, plan: StepPlan, run_uri: str) -> str:
-    from raygpt.training.plots import plot_run
-
-    rows = read_metrics(run_uri)
-    target = storage.join(run_uri, PLOT_FILE)
-    if storage.is_uri(run_uri):
-        with storage.temporary_dir() as tmp:
-            local = plot_run(rows, lr_schedule(cfg, plan), os.path.join(tmp, PLOT_FILE))
-            with open(local, "rb") as f:
-                fs, path = storage.filesystem(target)
-                with fs.open_output_stream(path) as out:
-                    out.write(f.read())
-        return target
-    return plot_run(rows, lr_schedule(cfg, plan), target)
-
-
-def preflight(cfg: Config, resume: str | None = None, log=print, hash_shards: bool = False) -> tuple[RunPaths, StepPlan]:
+def preflight(cfg: Config, resume: str | None = None, log=print,
+              hash_shards: bool = False) -> tuple[RunPaths, StepPlan]:
     """Everything checked before Ray starts: the data (manifest, shards, vocabulary), the batch
     arithmetic, the run folder (new, or a resumable checkpoint of this shape on this data).
     `hash_shards` also compares local shards' content with the manifest (a full read)."""
@@ -207,6 +184,8 @@ def _fit(cfg: Config, paths: RunPaths, plan: StepPlan, data_dir: str, address: s
         why = cluster.resources_never_came(cfg) if cluster.is_worker_start_timeout(exc) else _last_line(exc)
         raise TrainingFailed(f"training failed: {why} (run folder: {paths.uri})") from None
     metrics = result.metrics or {}
+    from raygpt.training.plots import write_plot
+
     plot = write_plot(cfg, plan, paths.uri)
     latest = newest_complete(paths.uri)
     best = result.get_best_checkpoint("val_loss", "min") if result.best_checkpoints else None

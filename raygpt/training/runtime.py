@@ -21,7 +21,8 @@ class Runtime:
     fit_id: str = ""  # one per `fit`: tells a restart within it from a resume of an earlier one
     wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m
     wrap_loader: Callable[[DataLoader], DataLoader] = lambda d: d
-    # Called on every rank at the same points (Ray's report is a barrier); the checkpoint folder
+    # `ray.train.report` under Ray Train, and its stand-in elsewhere (named after it on purpose):
+    # called on every rank at the same points (Ray's report is a barrier); the checkpoint folder
     # and its name are given on rank 0 only, and the folder is deleted once report returns.
     report: Callable[[dict[str, Any], str | None, str | None], None] = lambda metrics, folder, name: None
     log: Callable[[str], None] = print

@@ -18,7 +18,7 @@ def warmup_cosine_lr(
     step: int, total_steps: int, warmup_steps: int, initial_lr: float, peak_lr: float, min_lr: float
 ) -> float:
     """Linear warmup from `initial_lr` to `peak_lr` over `warmup_steps`, then cosine to `min_lr`
-    at `total_steps`, exactly as the recipe's `hyper_pretrain_model`."""
+    at `total_steps`, exactly as docs/recipe.md states it."""
     if step < warmup_steps:
         return initial_lr + step * (peak_lr - initial_lr) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)

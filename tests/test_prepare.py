@@ -5,7 +5,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from helpers import one_line_error
 
 from raygpt.data import prepare as prepare_module
@@ -13,7 +12,6 @@ from raygpt.data.prepare import (
     is_val_document,
     prepare_local,
     stdlib_files,
-    write_shard,
 )
 from raygpt.data.shards import load_manifest, read_shard
 from raygpt.data.windows import WindowDataset, num_windows
@@ -47,87 +45,11 @@ def decoded_documents(folder):
 # ----------------------------------------------------------------------------- pure parts
 
 
-@pytest.mark.parametrize(
-    "tokens, ctx, stride, expected",
-    [(100, 10, 10, 9), (101, 10, 10, 10), (11, 10, 10, 1), (10, 10, 10, 0), (5, 10, 1, 0),
-     (100, 10, 1, 90), (100, 10, 5, 18), (1000, 128, 64, 14)],
-)
-def test_num_windows_matches_the_recipe(tokens, ctx, stride, expected):
-    assert num_windows(tokens, ctx, stride) == expected == len(range(0, tokens - ctx, stride))
-
-
 def test_val_split_is_deterministic_and_exact():
     picks = [i for i in range(1000) if is_val_document(i, 0.1)]
     assert len(picks) == 100 and picks[:3] == [9, 19, 29]
     assert not any(is_val_document(i, 0.0) for i in range(100))
     assert sum(is_val_document(i, 0.25) for i in range(10)) == 2
-
-
-def _folder_with_shards(tmp_path, sizes):
-    """A hand-made prepared folder whose train split is 0..N-1 spread over shards of `sizes`."""
-    start, shards = 0, []
-    for k, n in enumerate(sizes):
-        name = f"train-{k:05d}.arrow"
-        write_shard(tmp_path / name, np.arange(start, start + n, dtype=np.uint16))
-        shards.append({"file": name, "tokens": n})
-        start += n
-    manifest = {"splits": {"train": {"tokens": start, "shards": shards}, "val": {"tokens": 0, "shards": []}}}
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    return tmp_path
-
-
-def test_windows_run_over_the_concatenation_of_shards(tmp_path):
-    folder = _folder_with_shards(tmp_path, [7, 3, 1, 20])  # 31 tokens
-    ds = WindowDataset(folder, "train", context_len=8, stride=4)
-    assert len(ds) == num_windows(31, 8, 4) == 6
-    for i in range(len(ds)):
-        x, y = ds[i]
-        assert x.dtype == torch.long and x.shape == (8,)
-        assert x.tolist() == list(range(4 * i, 4 * i + 8))  # crosses shards 0->1->2->3
-        assert y.tolist() == list(range(4 * i + 1, 4 * i + 9))
-    with pytest.raises(IndexError):
-        ds[len(ds)]
-
-
-def test_window_default_stride_is_context_len(tmp_path):
-    ds = WindowDataset(_folder_with_shards(tmp_path, [50]), "train", context_len=10)
-    assert len(ds) == 4 and ds[1][0][0].item() == 10
-
-
-def test_dataset_pickles_without_the_mapped_arrays(tmp_path):
-    import pickle
-
-    ds = WindowDataset(_folder_with_shards(tmp_path, [40]), "train", context_len=8)
-    ds[0]
-    clone = pickle.loads(pickle.dumps(ds))
-    assert clone._arrays is None and torch.equal(clone[2][0], ds[2][0])
-
-
-def test_shards_are_memory_mapped_not_copied(tmp_path):
-    write_shard(tmp_path / "s.arrow", np.arange(100, dtype=np.uint16))
-    arr = read_shard(tmp_path / "s.arrow")
-    assert arr.dtype == np.uint16 and not arr.flags.writeable and not arr.flags.owndata
-
-
-def test_missing_manifest_says_to_run_prepare(tmp_path):
-    with pytest.raises(UserError, match="run `raygpt prepare`"):
-        WindowDataset(tmp_path, "train", 8)
-
-
-@pytest.mark.parametrize("text, message", [
-    ("not json", "is not a raygpt manifest \\(not JSON"),
-    ("[1, 2]", "expected a mapping with 'splits'"),
-    ('{"splits": {"train": {"shards": []}}}', "splits.val.shards must be a list"),
-    ('{"splits": {"train": {"shards": [{"file": "../../escape/payload.arrow"}]}, "val": {"shards": []}}}',
-     "shard file '../../escape/payload.arrow' in splits.train must be a plain file name"),
-    ('{"splits": {"train": {"shards": [{"file": "/etc/passwd"}]}, "val": {"shards": []}}}', "must be a plain file name"),
-    ('{"splits": {"train": {"shards": []}, "val": {"shards": [{"file": ".."}]}}}', "must be a plain file name"),
-])
-def test_a_bad_manifest_is_one_line_and_no_shard_path_leaves_the_folder(tmp_path, text, message):
-    (tmp_path / "manifest.json").write_text(text)
-    with pytest.raises(UserError, match=message) as info:
-        WindowDataset(tmp_path, "train", 8)
-    assert "\n" not in str(info.value)
 
 
 # ----------------------------------------------------------------------------- prepare round trips
@@ -173,16 +95,6 @@ def test_folder_input_reads_all_formats_sorted(tmp_path):
     (corpus / "notes.md").write_text("ignored")
     prepare_local([str(corpus)], tmp_path / "out", val_fraction=0.0, **quiet())
     assert decoded_documents(tmp_path / "out")["train"] == DOCS[:2]
-
-
-def test_windows_over_a_prepared_folder(tmp_path):
-    (tmp_path / "a.txt").write_text(" ".join(DOCS * 20))
-    prepare_local([str(tmp_path / "a.txt")], tmp_path / "out", val_fraction=0.0, shard_tokens=100, **quiet())
-    ds = WindowDataset(tmp_path / "out", "train", context_len=32, stride=16)
-    ids = gpt2_encoding().encode_ordinary(" ".join(DOCS * 20))
-    assert len(ds) == num_windows(len(ids) + 1, 32, 16)
-    x, y = ds[3]
-    assert x.tolist() == ids[48:80] and y.tolist() == ids[49:81]
 
 
 def test_stdlib_corpus(tmp_path):
@@ -428,3 +340,13 @@ def test_without_a_terminal_prepare_prints_progress_lines(tmp_path, monkeypatch)
     prepare_local([str(tmp_path / "a.jsonl")], tmp_path / "out", context_len=4, progress=False, log=said.append)
     lines = [line for line in said if line.startswith("prepare: ")]
     assert len(lines) >= 10 and all(" MB read, " in line and line.endswith(" tokens/s") for line in lines)
+
+
+def test_windows_over_a_prepared_folder(tmp_path):
+    (tmp_path / "a.txt").write_text(" ".join(DOCS * 20))
+    prepare_local([str(tmp_path / "a.txt")], tmp_path / "out", val_fraction=0.0, shard_tokens=100, **quiet())
+    ds = WindowDataset(tmp_path / "out", "train", context_len=32, stride=16)
+    ids = gpt2_encoding().encode_ordinary(" ".join(DOCS * 20))
+    assert len(ds) == num_windows(len(ids) + 1, 32, 16)
+    x, y = ds[3]
+    assert x.tolist() == ids[48:80] and y.tolist() == ids[49:81]

@@ -66,15 +66,18 @@ def test_rejected_combinations_are_counted_with_reasons(data_dir, tmp_path):
 @pytest.mark.parametrize(
     "space, tune, message",
     [
-        ({"optim.peak": {"grid": [1]}}, {}, "search key 'optim.peak' is not a config key; valid keys: model.embedding_dim"),
+        ({"optim.peak": {"grid": [1]}}, {},
+         "search key 'optim.peak' is not a config key; valid keys: model.embedding_dim"),
         ({"optim.peak_lr": {"grid": []}}, {}, "grid needs a non-empty list"),
         ({"optim.peak_lr": {"uniform": [0.01, 0.001]}}, {}, r"uniform needs low < high, got \[0.01, 0.001\]"),
         ({"optim.peak_lr": {"loguniform": [0, 1]}}, {}, "loguniform needs low > 0"),
         ({"optim.peak_lr": [0.1]}, {}, "give one of grid, choice, uniform, loguniform"),
         ({"run.num_workers": {"grid": [1, 2]}}, {}, "run settings and the data folder are fixed"),
-        ({"optim.peak_lr": {"grid": [0.1]}}, {"grace_period": 20, "max_t": 10}, "grace_period 20 must be <= tune.max_t 10"),
+        ({"optim.peak_lr": {"grid": [0.1]}}, {"grace_period": 20, "max_t": 10},
+         "grace_period 20 must be <= tune.max_t 10"),
         ({"optim.peak_lr": {"grid": [0.1]}}, {"metric": "val_acc"}, "tune.metric 'val_acc' is never reported"),
-        ({"optim.peak_lr": {"grid": [0.1]}}, {"time_attr": "training_iteration"}, "tune.time_attr must be one of step, tokens_seen"),
+        ({"optim.peak_lr": {"grid": [0.1]}}, {"time_attr": "training_iteration"},
+         "tune.time_attr must be one of step, tokens_seen"),
         ({"optim.peak_lr": {"grid": [0.1]}}, {"bogus": 1}, "unknown tune setting 'tune.bogus'"),
     ],
 )
@@ -118,7 +121,8 @@ def test_grid_is_launched_in_a_seeded_random_order(data_dir, tmp_path):
     order = [t.overrides["optim.peak_lr"] for t in expand(parse_search(search_raw(data_dir, tmp_path, space)))[0]]
     assert sorted(order) == listed and order != listed
     again = [t.overrides["optim.peak_lr"] for t in expand(parse_search(search_raw(data_dir, tmp_path, space)))[0]]
-    other = [t.overrides["optim.peak_lr"] for t in expand(parse_search(search_raw(data_dir, tmp_path, space, seed=1)))[0]]
+    other = [t.overrides["optim.peak_lr"]
+             for t in expand(parse_search(search_raw(data_dir, tmp_path, space, seed=1)))[0]]
     assert again == order and other != order
 
 

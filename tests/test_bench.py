@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_measure_skips_the_warm_up_window_and_weights_windows_by_time():
     rows = [
-        {"step": 0, "wall_time": 105.0, "mfu": None, "step_time": 0.0, "tokens_per_s": 0.0, "tokens_per_s_per_device": 0.0},
+        {"step": 0, "wall_time": 105.0, "mfu": None, "step_time": 0.0, "tokens_per_s": 0.0,
+         "tokens_per_s_per_device": 0.0},
         {"step": 2, "mfu": 0.01, "step_time": 5.0, "tokens_per_s": 10.0, "tokens_per_s_per_device": 5.0},  # warm-up
         {"step": 4, "mfu": 0.2, "step_time": 1.0, "tokens_per_s": 100.0, "tokens_per_s_per_device": 50.0,
          "cpu_rss_peak_mb": 900.0},
@@ -63,7 +64,8 @@ def test_bench_runs_all_five_rows_and_prints_the_json(ray_address, tmp_path, run
 def test_the_gpu_check_script_runs_on_cpu_with_only_torch_and_the_package():
     # The GPU machines have torch but no Ray or YAML: the script imports neither.
     code = ("import sys, json; sys.modules['ray'] = sys.modules['yaml'] = None; "
-            "from raygpt.bench import gpu_check; r = gpu_check.main(['--device', 'cpu', '--preset', 'tiny', '--steps', '2', "
+            "from raygpt.bench import gpu_check; "
+            "r = gpu_check.main(['--device', 'cpu', '--preset', 'tiny', '--steps', '2', "
             "'--warmup', '1', '--batch', '2', '--no-compile']); print('RESULT', json.dumps(r))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(REPO)})

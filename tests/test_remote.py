@@ -79,7 +79,8 @@ def test_a_node_copies_the_shards_once_and_verifies_them(corpus, tmp_path, cache
     import shutil
 
     shutil.rmtree(cache)
-    with pytest.raises(UserError, match=r"do not match their manifest: val-00000.arrow differs from the manifest's sha256"):
+    with pytest.raises(UserError,
+                       match=r"do not match their manifest: val-00000.arrow differs from the manifest's sha256"):
         local_shards(uri)
     assert not any(p.is_dir() for p in cache.iterdir())  # no half copy left to be mistaken for one
 

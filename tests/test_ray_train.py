@@ -149,7 +149,8 @@ def edit_state(checkpoint: Path, **changes) -> None:
     (checkpoint / "state.json").write_text(json.dumps(state))
 
 
-HOLD_LEASE = "import sys, time; from raygpt import runs; runs.Lease(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)"
+HOLD_LEASE = ("import sys, time; from raygpt import runs; runs.Lease(sys.argv[1]).acquire(); "
+              "print('held', flush=True); time.sleep(60)")
 
 
 @pytest.mark.parametrize("no_ray", [False, True])
@@ -367,7 +368,8 @@ def _config_keys() -> list[str]:
 
     from raygpt.config import Config
 
-    return [f"{section.name}.{f.name}" for section in dataclasses.fields(Config) if dataclasses.is_dataclass(section.type)
+    return [f"{section.name}.{f.name}" for section in dataclasses.fields(Config)
+            if dataclasses.is_dataclass(section.type)
             or hasattr(getattr(Config(), section.name), "__dataclass_fields__")
             for f in dataclasses.fields(getattr(Config(), section.name))]
 
