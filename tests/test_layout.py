@@ -54,3 +54,18 @@ def test_ray_is_imported_only_at_the_edges(path):
     rel = str(path.relative_to(PACKAGE))
     uses_ray = any(n == "ray" or n.startswith("ray.") for n in imported_modules(path))
     assert not uses_ray or rel in RAY_AT_THE_EDGES, f"{rel} imports Ray"
+
+
+def test_no_file_of_the_package_is_ignored_by_git():
+    # `data/` in .gitignore once hid raygpt/data/ from commits (and from `ray job submit`'s upload,
+    # which honours .gitignore): generated folders are ignored at the top only.
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (PACKAGE.parent / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = [str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*")
+             if p.is_file() and "__pycache__" not in p.parts]
+    out = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=PACKAGE.parent, capture_output=True,
+                         text=True)
+    assert out.stdout.split() == []

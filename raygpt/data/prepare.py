@@ -19,8 +19,8 @@ import re
 import shutil
 import socket
 import sys
-import tempfile
 import sysconfig
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,7 +32,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raygpt import __version__, storage
-from raygpt.data.shards import MANIFEST, SPLITS, TOKENS_FORMAT_VERSION, file_sha256, foreign_files, load_manifest, own_files
+from raygpt.data.shards import (
+    MANIFEST,
+    SPLITS,
+    TOKENS_FORMAT_VERSION,
+    file_sha256,
+    foreign_files,
+    load_manifest,
+    own_files,
+)
 from raygpt.errors import UserError
 from raygpt.tokenizer import EOT_ID, MAX_ENCODE_CHARS, gpt2_encoding, text_chunks
 

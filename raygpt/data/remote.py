@@ -48,7 +48,8 @@ def local_shards(folder: str, log: Callable[[str], None] = print) -> str:
     with open(f"{target}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one copy per node; the other workers wait, then reuse it
         cached = target / MANIFEST
-        if cached.is_file() and cached.read_text() == manifest_text and shards.shard_problem(target, manifest, full=False) is None:
+        if (cached.is_file() and cached.read_text() == manifest_text
+                and shards.shard_problem(target, manifest, full=False) is None):
             return str(target)
         start = time.perf_counter()
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
@@ -61,7 +62,8 @@ def local_shards(folder: str, log: Callable[[str], None] = print) -> str:
                                 source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
             problem = shards.shard_problem(tmp, manifest)
             if problem:
-                raise UserError(f"the shards at {folder} do not match their manifest: {problem}; run `raygpt prepare` again")
+                raise UserError(f"the shards at {folder} do not match their manifest: {problem}; "
+                                "run `raygpt prepare` again")
             (tmp / MANIFEST).write_text(manifest_text)
             shutil.rmtree(target, ignore_errors=True)
             tmp.rename(target)
