@@ -1,5 +1,6 @@
 """FLOPs per token, device peaks and MFU against hand counts."""
 
+import pytest
 import torch
 
 from raygpt.model import GPTModel
@@ -30,7 +31,28 @@ def test_gpu_table_matches_names_as_torch_reports_them():
     assert perf.gpu_peak("NVIDIA H200", "bf16") == 989e12
     assert perf.gpu_peak("NVIDIA A100-SXM4-80GB", "tf32") == 156e12
     assert perf.gpu_peak("NVIDIA L40S", "bf16") == 362e12
-    assert perf.gpu_peak("NVIDIA A10G", "bf16") is None  # not the A10's spec sheet
+    assert perf.gpu_peak("NVIDIA A10", "bf16") == 125e12
+
+
+@pytest.mark.parametrize("name, precision, peak", [
+    ("NVIDIA A10G", "bf16", 70e12),  # cluster.yaml's g5 GPU: half the A10's tensor rate
+    ("NVIDIA A10G", "fp32", 31.2e12),
+    ("NVIDIA GH200 480GB", "bf16", 989e12),  # the Hopper GPU of a Grace Hopper superchip
+    ("Tesla T4", "bf16", 65e12),  # no bf16 tensor cores: the fp16 rate (auto picks fp32 there)
+    ("Tesla T4", "fp32", 8.1e12),
+    ("NVIDIA L40", "bf16", 181e12),
+    ("NVIDIA L40S", "bf16", 362e12),
+    ("NVIDIA L4", "bf16", 121e12),
+    ("NVIDIA B200", "bf16", 2250e12),
+    ("NVIDIA H100 NVL", "bf16", 835e12),  # not the SXM's 989
+    ("NVIDIA H200 NVL", "bf16", 835e12),
+    ("NVIDIA H100 80GB HBM3", "tf32", 494e12),
+])
+def test_gpu_table_knows_the_gpus_people_rent(name, precision, peak):
+    assert perf.gpu_peak(name, precision) == peak
+
+
+def test_gpu_table_falls_back_to_fp16_and_unknowns_stay_unknown():
     assert perf.gpu_peak("Tesla V100-SXM2-16GB", "bf16") == 125e12  # fp16 tensor cores
     assert perf.gpu_peak("Some Future GPU", "bf16") is None
 

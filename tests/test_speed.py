@@ -115,3 +115,13 @@ def test_reports_carry_throughput_and_mfu(data_dir, tmp_path):
     for r in rows[1:]:
         assert r["tokens_per_s_per_device"] == r["tokens_per_s"] > 0 and r["step_time"] > 0
         assert 0 < r["mfu"] < 1
+
+
+@pytest.mark.parametrize("capability, expected",
+                         [((7, 0), "fp32"), ((7, 5), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_auto_precision_is_bf16_only_where_tensor_cores_run_it(monkeypatch, capability, expected):
+    # torch counts emulated bf16 as supported; below compute capability 8 (V100, T4) it is slower than fp32.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert speed.resolve_precision("auto", torch.device("cuda", 0)) == expected
+    assert speed.resolve_precision("auto", torch.device("cpu")) == "fp32"

@@ -1,6 +1,6 @@
 """Throughput arithmetic: FLOPs per token, the device's peak, model FLOPs utilisation (MFU).
 
-Only torch and the standard library: the GPU check under bench/ uses this with nothing else
+Only torch and the standard library: the GPU check (raygpt.bench.gpu_check) uses this with nothing else
 installed.
 
 FLOPs per token (forward + backward) follow the PaLM appendix / nanoGPT: 6N + 12·L·H·Q·T, where N
@@ -24,14 +24,23 @@ import torch
 # name fragment (as torch.cuda.get_device_name reports it) -> dense peak FLOP/s by precision.
 # "tf32" is fp32 matmuls on tensor cores (torch.backends.cuda.matmul.allow_tf32).
 GPU_PEAKS: dict[str, dict[str, float]] = {
+    # Ordered: a name is matched against the fragments top to bottom as a whole word, so the
+    # variants ("H100 NVL", "H100 PCIe") come before the plain name ("H100").
+    "B200": {"bf16": 2250e12, "tf32": 1100e12},
+    "GH200": {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12},  # its Hopper GPU, as the H100 SXM
+    "H200 NVL": {"bf16": 835e12, "tf32": 418e12, "fp32": 60e12},
     "H200": {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12},
+    "H100 NVL": {"bf16": 835e12, "tf32": 418e12, "fp32": 60e12},
     "H100 PCIe": {"bf16": 756e12, "tf32": 378e12, "fp32": 51e12},
     "H100": {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12},  # SXM / HBM3
     "A100": {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
     "L40S": {"bf16": 362e12, "tf32": 183e12, "fp32": 91.6e12},
+    "L40": {"bf16": 181e12, "tf32": 90.5e12, "fp32": 90.5e12},
     "L4": {"bf16": 121e12, "tf32": 60e12, "fp32": 30.3e12},
-    "A10": {"bf16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12},  # the A10 spec sheet, not AWS's A10G
-    "V100": {"fp16": 125e12, "fp32": 15.7e12},
+    "A10G": {"bf16": 70e12, "tf32": 35e12, "fp32": 31.2e12},  # AWS g5: half the A10's tensor rate
+    "A10": {"bf16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12},
+    "V100": {"fp16": 125e12, "fp32": 15.7e12},  # no bf16 or tf32 tensor cores
+    "T4": {"fp16": 65e12, "fp32": 8.1e12},
 }
 
 
@@ -55,8 +64,8 @@ def model_flops_per_token(model_cfg: Any) -> float:
 
 def gpu_peak(device_name: str, precision: str) -> float | None:
     """The table's peak for a GPU name and 'bf16' | 'tf32' | 'fp32', or None when unknown."""
-    for fragment, peaks in GPU_PEAKS.items():  # ordered: "H100 PCIe" before "H100"
-        if re.search(rf"\b{fragment}\b", device_name):  # "A10" is not "A10G", "L4" not "L40S"
+    for fragment, peaks in GPU_PEAKS.items():
+        if re.search(rf"\b{fragment}\b", device_name):  # "A10" is not "A10G", "L4" not "L40S", "H200" not "GH200"
             return peaks.get(precision) or (peaks.get("fp16") if precision == "bf16" else None)
     return None
 

@@ -13,11 +13,13 @@ import torch
 
 
 def resolve_precision(setting: str, device: torch.device) -> str:
-    """'auto' is bf16 on a GPU that supports it, else fp32 (on CPU bf16 is an explicit choice:
-    faster matmuls on recent cores, looser numerics)."""
+    """'auto' is bf16 on a GPU whose tensor cores run it (compute capability 8.0 and up: A100,
+    A10G, L4, H100, ...), else fp32. Older GPUs (V100, T4) only emulate bf16, which torch's
+    `is_bf16_supported` counts, and there it is slower than fp32 with no flash attention. On CPU
+    bf16 is an explicit choice (faster matmuls on recent cores, looser numerics)."""
     if setting != "auto":
         return setting
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
         return "bf16"
     return "fp32"
 
