@@ -329,6 +329,13 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value is not None and value <= 0:
             raise UserError(f"{key} must be > 0, got {value}")
+    if r.use_gpu and r.gpus_per_worker > 1:
+        raise UserError(f"run.gpus_per_worker {r.gpus_per_worker:g}: a worker trains on one GPU, the others would "
+                        "idle; use 1 and more run.num_workers")
+    if r.use_gpu and r.num_workers > 1 and r.gpus_per_worker < 1:
+        raise UserError(f"run.gpus_per_worker {r.gpus_per_worker:g} with {r.num_workers} workers: two workers would "
+                        "share one GPU, which NCCL refuses; use 1 (a fraction suits one-worker runs, such as search "
+                        "trials)")
     if r.name is not None and not is_plain_name(r.name):
         raise UserError(f"run.name must be a plain folder name (letters, digits, '.', '_', '-'), got {r.name!r}")
     if t.eval_mode not in EVAL_MODES:

@@ -166,3 +166,19 @@ def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
     (tmp_path / "c.yaml").write_bytes(b"train:\n  seed: \xff\n")
     with pytest.raises(UserError, match=r"c.yaml is not UTF-8 text \(byte 0xff at offset 15\)"):
         load_config(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("overrides, said", [
+    (["run.use_gpu=true", "run.num_workers=2", "run.gpus_per_worker=0.5"], "two workers would share one GPU"),
+    (["run.use_gpu=true", "run.gpus_per_worker=2"], "a worker trains on one GPU"),
+])
+def test_gpus_per_worker_that_would_share_or_idle_gpus_is_refused(overrides, said):
+    with pytest.raises(UserError, match=said) as info:
+        load_config(None, overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_a_fraction_of_a_gpu_for_one_worker_is_allowed():
+    # Tune trials of one worker each may share a GPU; only several workers of one run may not.
+    cfg = load_config(None, ["run.use_gpu=true", "run.num_workers=1", "run.gpus_per_worker=0.5"])
+    assert cfg.run.gpus_per_worker == 0.5

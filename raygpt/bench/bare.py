@@ -23,13 +23,14 @@ from raygpt.config import load_config
 from raygpt.data.shards import load_manifest, read_shard
 from raygpt.model import GPTModel
 from raygpt.training import perf, speed
+from raygpt.training.runtime import process_device
 
 
 def bare_loop(config: str, run_dir: str, threads: int) -> None:
     cfg = load_config(config, [])
     torch.set_num_threads(threads)
     t, m = cfg.train, cfg.model
-    device = torch.device("cuda" if cfg.run.use_gpu and torch.cuda.is_available() else "cpu")
+    device = process_device(cfg.run.use_gpu, 0, torch.cuda.device_count())  # no silent CPU row on a GPU bench
     precision = speed.resolve_precision(t.precision, device)
     speed.set_tf32(device, t.tf32)
     manifest = load_manifest(cfg.data.dir)

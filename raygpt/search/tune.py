@@ -183,16 +183,17 @@ def _train_in_trial(cfg: Config, run_dir: str, data_dir: str, save_steps: tuple[
 
     from raygpt.training.local import save_to_run_dir
     from raygpt.training.loop import train_loop
-    from raygpt.training.runtime import Runtime
+    from raygpt.training.runtime import Runtime, process_device
 
-    use_cuda = cfg.run.use_gpu and torch.cuda.is_available()
     save = save_to_run_dir(run_dir, keep=cfg.run.num_to_keep)
 
     def report(metrics: dict[str, Any], folder: str | None, name: str | None) -> None:
         save(metrics, folder, name)  # the checkpoint is on storage before ASHA sees the report
         ray.tune.report(metrics)
 
-    rt = Runtime(device=torch.device("cuda:0" if use_cuda else "cpu"), run_dir=run_dir, fit_id=uuid.uuid4().hex,
+    # Ray shows the trial only its own GPU (CUDA_VISIBLE_DEVICES): cuda:0.
+    device = process_device(cfg.run.use_gpu, 0, torch.cuda.device_count())
+    rt = Runtime(device=device, run_dir=run_dir, fit_id=uuid.uuid4().hex,
                  report=report, extra_save_steps=frozenset(save_steps))
     train_loop(cfg, data_dir, rt)
 

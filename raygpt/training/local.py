@@ -16,7 +16,7 @@ from raygpt.data.shards import check_shards, load_manifest
 from raygpt.errors import UserError
 from raygpt.runs import new_run_name, resume_paths
 from raygpt.training.loop import train_loop
-from raygpt.training.runtime import Runtime
+from raygpt.training.runtime import Runtime, process_device
 
 
 def save_to_run_dir(run_dir: str, keep: int | None = None) -> Callable[[dict[str, Any], str | None, str | None], None]:
@@ -37,10 +37,13 @@ def run_without_ray(cfg: Config, data_dir: str, run_dir: str) -> dict[str, Any]:
     A run folder that already holds checkpoints is resumed from the newest valid one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    use_cuda = cfg.run.use_gpu and torch.cuda.is_available()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda else "cpu")
+    device = process_device(cfg.run.use_gpu, int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count())
+    use_cuda = device.type == "cuda"
+    if use_cuda:
+        # Before the process group: NCCL's first collective otherwise puts every rank on cuda:0.
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
 
     def ddp(model: torch.nn.Module) -> torch.nn.Module:
         if world == 1:
@@ -68,6 +71,7 @@ def train_without_ray(cfg: Config, resume: str | None) -> None:
                else storage.join(storage.resolve_storage(cfg.run.storage_path), cfg.run.name or new_run_name()))
     data_dir = storage.resolve_storage(cfg.data.dir)
     check_shards(load_manifest(data_dir), data_dir)  # as a launch on Ray checks them, before anything starts
+    process_device(cfg.run.use_gpu, int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count())  # the same
     print(f"run {run_dir.rsplit('/', 1)[-1]} without Ray -> {run_dir}")
     if int(os.environ.get("RANK", "0")) != 0:
         run_without_ray(cfg, data_dir, run_dir)

@@ -9,6 +9,8 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader
 
+from raygpt.errors import UserError
+
 
 @dataclass
 class Runtime:
@@ -53,3 +55,19 @@ class TrainState:
                 "samples_consumed": self.step * batch_size, "tokens_seen": self.tokens_seen,
                 # The metrics log is cut back to this step when a run restores this checkpoint.
                 "metrics_log_through_step": self.step}
+
+
+def process_device(use_gpu: bool, local_rank: int, cuda_count: int) -> torch.device:
+    """The device of a process that is not a Ray Train worker (torchrun's ranks, `--no-ray`, a
+    Tune trial, where Ray makes the trial's GPU cuda:0): its own GPU, `cuda:<local_rank>`, when
+    the run asks for GPUs. A run that asks for GPUs never falls back to the CPU in silence."""
+    if not use_gpu:
+        return torch.device("cpu")
+    if cuda_count == 0:
+        raise UserError(f"run.use_gpu is true but this torch sees no GPU (torch {torch.__version__}"
+                        f"{', a CPU build' if torch.version.cuda is None else ''}): install a CUDA build of torch "
+                        "on this node, or set run.use_gpu=false")
+    if local_rank >= cuda_count:
+        raise UserError(f"LOCAL_RANK {local_rank} but this node has {cuda_count} GPUs: start at most one process "
+                        f"per GPU (torchrun --nproc-per-node={cuda_count})")
+    return torch.device("cuda", local_rank)
