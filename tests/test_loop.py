@@ -228,3 +228,27 @@ def test_a_non_finite_gradient_stops_the_run_before_the_step_and_saves_nothing_b
         model, _ = load_model(str(folder))
         with torch.no_grad():
             assert torch.isfinite(model(torch.randint(0, 1000, (2, 16)))).all(), folder.name
+
+
+def test_compile_wraps_ddp_not_the_other_way_round(tmp_path):
+    # torch.compile's DDP support (DDPOptimizer: all-reduce overlapping backward) needs compile(DDP(model)).
+    import torch.distributed as dist
+
+    from raygpt.checkpoint import unwrapped_state_dict
+    from raygpt.training.loop import wrap_for_training
+    from raygpt.training.reporter import plain_model
+    from raygpt.training.runtime import Runtime
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = GPTModel(embedding_dim=32, num_layers=2, num_heads=2, context_len=16, vocabulary_size=100)
+        rt = Runtime(wrap_model=lambda m: torch.nn.parallel.DistributedDataParallel(m))
+        wrapped = wrap_for_training(model, rt, compile_model=True)
+        assert isinstance(wrapped, torch._dynamo.eval_frame.OptimizedModule)
+        assert isinstance(wrapped._orig_mod, torch.nn.parallel.DistributedDataParallel)
+        assert hasattr(wrapped, "no_sync")  # gradient accumulation still skips the all-reduce
+        assert plain_model(wrapped) is model
+        assert list(unwrapped_state_dict(wrapped)) == list(model.state_dict())
+        assert plain_model(wrap_for_training(model, Runtime(), compile_model=False)) is model
+    finally:
+        dist.destroy_process_group()

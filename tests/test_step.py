@@ -94,3 +94,42 @@ def test_step_seed_differs_by_every_part():
     seeds = {step_seed(1, 0, 0, 0), step_seed(2, 0, 0, 0), step_seed(1, 1, 0, 0), step_seed(1, 0, 1, 0),
              step_seed(1, 0, 0, 1)}
     assert len(seeds) == 5 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_the_prefetcher_reads_ahead_one_batch_and_changes_nothing_else():
+    from raygpt.training.step import DevicePrefetcher
+
+    reads = []
+
+    def source():
+        for i in range(3):
+            reads.append(i)
+            yield torch.full((2, 4), i), torch.full((2, 4), i + 1)
+
+    batches = DevicePrefetcher(source(), torch.device("cpu"))
+    assert reads == []
+    batches.prefetch()
+    batches.prefetch()  # one batch ahead at most
+    assert reads == [0]
+    assert [int(x[0, 0]) for x, _ in batches] == [0, 1, 2]
+    batches.prefetch()  # past the end: nothing, and iteration stays finished
+    with pytest.raises(StopIteration):
+        next(batches)
+
+
+def test_a_step_with_the_prefetcher_is_the_step_without_it():
+    from raygpt.training.step import DevicePrefetcher
+
+    def run(wrap):
+        torch.manual_seed(0)
+        model = GPTModel(embedding_dim=32, num_layers=2, num_heads=2, context_len=8, vocabulary_size=64, dropout=0.1)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        data = [(torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(i)),) * 2 for i in range(4)]
+        batches = wrap(iter(data))
+        for step in range(2):
+            train_step(model, opt, batches, lr=1e-3, seed=step, max_norm=1.0, grad_accum_steps=2)
+        return [p.detach().clone() for p in model.parameters()]
+
+    plain = run(lambda it: it)
+    ahead = run(lambda it: DevicePrefetcher(it, torch.device("cpu")))
+    assert all(torch.equal(a, b) for a, b in zip(plain, ahead))

@@ -31,7 +31,14 @@ from raygpt.training.plan import plan_for
 from raygpt.training.reporter import Reporter
 from raygpt.training.runtime import Runtime, TrainState
 from raygpt.training.schedule import lr_at, should_clip
-from raygpt.training.step import step_seed, train_step
+from raygpt.training.step import DevicePrefetcher, step_seed, train_step
+
+
+def wrap_for_training(model: torch.nn.Module, rt: Runtime, compile_model: bool) -> torch.nn.Module:
+    """DDP (or whatever the runtime wraps with), then torch.compile around it: compiled DDP
+    (DDPOptimizer) splits the graph at bucket boundaries so each all-reduce overlaps the rest of
+    backward; DDP around a compiled model would fire every bucket at the end of backward."""
+    return speed.maybe_compile(rt.wrap_model(model), compile_model)
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
@@ -99,7 +106,7 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
     if rank0 and cfg.fault.crash_at_step is not None:
         rt.log(recovery.describe_fault(cfg.fault))
     state, log_rows = _restore_into(model, optimizer, cfg, manifest, rt)
-    model = rt.wrap_model(speed.maybe_compile(model, t.compile))
+    model = wrap_for_training(model, rt, t.compile)
 
     train_ds = WindowDataset(data_dir, "train", m.context_len, cfg.data.stride or m.context_len)
     sampler = GlobalBatchSampler(train_ds, t.batch_size, rt.rank, rt.world_size, t.seed)
@@ -118,7 +125,7 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
         model.train()
         while state.step < plan.total_steps:  # one pass per epoch; a resumed one from its batch
             sampler.set_position(state.epoch, state.batch_in_epoch)
-            batches = iter(loader)
+            batches = DevicePrefetcher(iter(loader), rt.device)
             for _ in range(min(plan.steps_per_epoch - state.batch_in_epoch, plan.total_steps - state.step)):
                 t0 = time.perf_counter()
                 train_step(model, optimizer, batches,

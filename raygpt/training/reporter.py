@@ -61,7 +61,7 @@ class Reporter:
         tokens_per_s = steps * t.batch_size * m.context_len / seconds if seconds > 0 else 0.0
         metrics = {
             "step": state.step, "epoch": state.epoch,
-            **self.evals.evaluate(_unwrap(self.model), final, initial=state.step == 0),
+            **self.evals.evaluate(plain_model(self.model), final, initial=state.step == 0),
             "lr": lr_at(max(state.step - 1, 0), self.total_steps, o),
             "tokens_seen": state.tokens_seen,
             "tokens_per_s": tokens_per_s,
@@ -82,7 +82,7 @@ class Reporter:
         if self.progress:
             self.progress.flush()
         if self.rank0:
-            sample = generate_sample(_plain(self.model), t.start_context, self.rt.device, t.seed)
+            sample = generate_sample(plain_model(self.model), t.start_context, self.rt.device, t.seed)
             self.rt.log(progress_line(metrics))
             self.rt.log(f"  sample: {sample!r}")
             if self.rt.run_dir:
@@ -121,15 +121,12 @@ class Reporter:
             self.tensorboard.close()
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model without DDP around it (still compiled, if it was)."""
-    return model.module if hasattr(model, "module") else model
-
-
-def _plain(model: torch.nn.Module) -> torch.nn.Module:
-    """The model without DDP and without torch.compile (generation's growing lengths would
-    recompile it at every token)."""
-    return getattr(_unwrap(model), "_orig_mod", _unwrap(model))
+def plain_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model without the training wrappers, compile(DDP(model)) or either alone: evaluation and
+    samples run on it eagerly (DDP around an evaluation would sync buffers in every forward, and
+    ranks evaluate different numbers of batches)."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def progress_line(m: dict[str, Any]) -> str:
