@@ -59,6 +59,14 @@ def running_local_ray() -> str | None:
     return recorded if recorded and recorded in find_gcs_addresses() else None
 
 
+def local_ray_cpus() -> int:
+    """The CPUs a Ray started on this machine advertises: the container's CPU quota or cpuset when
+    there is one, which can be fewer than os.cpu_count() (Ray's own detection, private)."""
+    from ray._private.utils import get_num_cpus
+
+    return int(get_num_cpus(override_docker_cpu_warning=True))
+
+
 def worker_resources(cfg: Config) -> dict[str, float]:
     r = cfg.run
     return {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}

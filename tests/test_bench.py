@@ -92,3 +92,46 @@ def test_the_bare_loop_row_times_windows_of_steps(tmp_path):
     assert rows[-1]["loss"] < rows[1]["loss"]
     m = measure(rows, launched=rows[0]["wall_time"] - 1.0)
     assert m["tokens_per_s"] > 0 and m["startup_s"] == pytest.approx(1.0)
+
+
+def test_the_gpu_check_measures_one_worker_of_the_gpt2_small_job():
+    from raygpt.bench.gpu_check import build_parser
+    from raygpt.config import load_config
+    from raygpt.model import PRESETS
+
+    check = build_parser().parse_args([])
+    job = load_config(str(Path(__file__).resolve().parent.parent / "jobs" / "gpt2-small.yaml"), [])
+    m, t, r = job.model, job.train, job.run
+    assert PRESETS[check.preset] == {k: getattr(m, k) for k in PRESETS[check.preset]}
+    assert (m.dropout, m.tie_embeddings) == (0.0, False)  # what the check builds
+    assert check.pad_vocab == m.pad_vocab_multiple
+    assert check.compile == t.compile
+    assert check.grad_accum == t.grad_accum_steps
+    assert check.batch == t.batch_size // (r.num_workers * t.grad_accum_steps)
+    assert check.precision == t.precision
+
+
+def test_rows_ask_for_no_more_cpus_than_ray_advertises(monkeypatch):
+    # In a container whose CPU quota is below os.cpu_count(), Ray advertises the quota.
+    from raygpt import cluster
+    from raygpt.bench import train
+
+    monkeypatch.setattr(cluster, "local_ray_cpus", lambda: 1)
+    assert train.usable_threads() == 1
+    monkeypatch.setattr(cluster, "local_ray_cpus", lambda: 10_000)
+    assert train.usable_threads() == len(os.sched_getaffinity(0))
+
+
+def test_the_gpu_check_script_stops_and_says_so_when_a_part_fails(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "raygpt" / "bench" / "gpu_check.sh"
+    env = {**os.environ, "PYTHON": sys.executable}
+    unknown = subprocess.run(["bash", str(script), "nope", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert unknown.returncode == 2 and "use check, eager, rows, ray or all" in unknown.stderr
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the check part would run")
+    failed = subprocess.run(["bash", str(script), "check", str(tmp_path)], capture_output=True, text=True, env=env,
+                            cwd=script.parent.parent.parent)
+    assert failed.returncode != 0 and "gpu_check.sh check: failed" in failed.stderr
+    assert "no CUDA device here" in (tmp_path / "gpu_check.txt").read_text()

@@ -266,3 +266,10 @@ def test_runtime_env_ships_the_code_but_not_data_or_environments():
     for path in ["raygpt/data.py", "raygpt/train.py", "raygpt/assets/gpt2.tiktoken", "jobs/pretrain.py",
                  "jobs/tune.py", "jobs/gpt2-small.yaml", "pyproject.toml"]:
         assert not excluded(ROOT / path), f"{path} is needed by the job but excluded"
+
+
+def test_every_node_gets_the_torch_version_the_project_tests(cluster):
+    # A range would let a node the autoscaler adds later install another torch than the first ones.
+    tested = re.search(r"torch==([0-9.]+)", (ROOT / "Makefile").read_text())[1]
+    setup = next(c for c in cluster["setup_commands"] if "torch" in c and "pip install" in c)
+    assert re.search(r"\btorch==([0-9.]+)\b", setup) and f"torch=={tested}" in setup, setup

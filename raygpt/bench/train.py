@@ -63,6 +63,15 @@ def bench_config(preset: str, steps: int, device: str, precision: str, compile_m
     }
 
 
+def usable_threads() -> int:
+    """The threads every row gets: this process's CPUs, and no more than a local Ray advertises (a
+    container's CPU quota can be below os.cpu_count(): row b asking for all of them was refused)."""
+    from raygpt.cluster import local_ray_cpus
+    from raygpt.data.prepare import available_threads
+
+    return max(1, min(available_threads(), local_ray_cpus()))
+
+
 def row_command(row: str, config: str, name: str, threads: int, address: str | None) -> tuple[list[str], dict]:
     raygpt = [sys.executable, "-m", "raygpt", "train", "--config", config, "--set", f"run.name={name}"]
     half = max(1, threads // 2)
@@ -124,7 +133,7 @@ def bench_train(preset: str = "tiny", device: str = "cpu", precision: str = "fp3
             raise UserError("--device cuda: no CUDA device on this machine")
         if torch.cuda.device_count() < 2:
             rows = rows.replace("c", "").replace("d", "")  # two workers need two GPUs
-    threads = os.cpu_count() or 1
+    threads = usable_threads()
     from raygpt.data.remote import prepare_to
     from raygpt.data.shards import has_manifest
 
