@@ -182,7 +182,8 @@ def _run_tune(args: argparse.Namespace) -> None:
 def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="table, best config, curves of a finished or running search")
     p.add_argument("experiment", help="the experiment folder (or storage URI)")
-    p.add_argument("--out", help="where to write the table, best config and plot (default: the experiment folder)")
+    p.add_argument("--out", help="a local folder for a copy of the table, best config and plot (they are always "
+                                 "written into the experiment folder, local or on storage)")
     p.set_defaults(func=_run_analyze)
 
 

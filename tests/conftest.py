@@ -134,10 +134,65 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.get_closest_marker("own_ray") is not None)  # stable: order kept otherwise
 
 
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+          "AWS_EC2_METADATA_DISABLED": "true"}
+
+
 @pytest.fixture(scope="session")
-def ray_head():
+def s3_server():
+    """An S3 API on loopback (moto's server) for the whole session, or None without moto. Its
+    address and test credentials go into this process's environment before the session's Ray
+    starts (ray_head depends on this), so Ray's workers reach it as a cluster's would: through
+    AWS_ENDPOINT_URL."""
+    try:
+        import moto.server  # noqa: F401
+    except ImportError:
+        yield None
+        return
+    port = _free_port()
+    log = open(Path(tempfile.mkdtemp(prefix="raygpt-moto-")) / "moto.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"moto's S3 server did not start: {Path(log.name).read_text()[-2000:]}")
+            time.sleep(0.2)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", **S3_ENV}
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env["AWS_ENDPOINT_URL"]
+    finally:
+        for k, v in before.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture
+def bucket(s3_server):
+    """A new, empty bucket on the session's S3 API: its URI, s3://NAME."""
+    if s3_server is None:
+        pytest.skip("moto[server] is not installed (pip install -e '.[dev]')")
+    import uuid
+
+    import boto3
+
+    name = f"raygpt-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_head(s3_server):
     """One real local Ray head for the whole test session (dashboard on 127.0.0.1, token auth on);
-    this process is connected to it."""
+    this process is connected to it. Started after the S3 API, so its workers see it."""
     head = RayHead()
     head.connect()
     _session_head.append(head)

@@ -144,27 +144,33 @@ def best_config(analysis: Analysis) -> dict[str, Any]:
     return cfg
 
 
+OUTPUTS = {"csv": runs.TRIALS_CSV, "parquet": runs.TRIALS_PARQUET, "best_config": BEST_CONFIG, "curves": CURVES}
+
+
 def write_outputs(analysis: Analysis, out_dir: str | None = None) -> dict[str, str]:
-    """trials.csv, trials.parquet, best_config.yaml and val_loss_curves.png (in the experiment
-    folder unless `out_dir`); returns their paths."""
+    """trials.csv, trials.parquet, best_config.yaml and val_loss_curves.png into the experiment
+    folder, local or on storage (each file whole, as every small file on storage is written),
+    and into the local folder `out_dir` too when given; returns the experiment folder's paths."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    out = out_dir or analysis.experiment_dir
-    if storage.is_uri(out):
-        raise UserError("write the analysis to a local folder: pass --out DIR for an experiment on remote storage")
-    os.makedirs(out, exist_ok=True)
-    table = pa.Table.from_pylist(analysis.rows)
-    paths = {"csv": os.path.join(out, runs.TRIALS_CSV), "parquet": os.path.join(out, runs.TRIALS_PARQUET),
-             "best_config": os.path.join(out, BEST_CONFIG), "curves": os.path.join(out, CURVES)}
-    pacsv.write_csv(table, paths["csv"])
-    pq.write_table(table, paths["parquet"])
-    with open(paths["best_config"], "w") as f:
-        f.write("# The best trial of the search; train it as is with: raygpt train --config best_config.yaml\n")
-        yaml.safe_dump(best_config(analysis), f, sort_keys=False)
-    plot_curves(analysis, paths["curves"])
-    return paths
+    if out_dir is not None and storage.is_uri(out_dir):
+        raise UserError(f"--out must be a local folder, got {out_dir}; the experiment folder gets the analysis anyway")
+    with storage.temporary_dir() as tmp:
+        local = {key: os.path.join(tmp, name) for key, name in OUTPUTS.items()}
+        table = pa.Table.from_pylist(analysis.rows)
+        pacsv.write_csv(table, local["csv"])
+        pq.write_table(table, local["parquet"])
+        with open(local["best_config"], "w") as f:
+            f.write("# The best trial of the search; train it as is with: raygpt train --config best_config.yaml\n")
+            yaml.safe_dump(best_config(analysis), f, sort_keys=False)
+        plot_curves(analysis, local["curves"])
+        for folder in [analysis.experiment_dir] + ([out_dir] if out_dir else []):
+            for key, name in OUTPUTS.items():
+                with open(local[key], "rb") as f:
+                    storage.write_bytes(storage.join(storage.resolve_storage(folder), name), f.read())
+    return {key: storage.join(analysis.experiment_dir, name) for key, name in OUTPUTS.items()}
 
 
 def plot_curves(analysis: Analysis, path: str) -> None:
@@ -232,5 +238,5 @@ def report_search(experiment_dir: str, out_dir: str | None = None, log=print) ->
     else:
         log(f"best trial {best['trial_id']}: val loss {best['best_val_loss']:.4f}, "
             f"checkpoint {best['best_checkpoint']}")
-    log(f"wrote {paths['csv']}, {paths['parquet']}, {paths['best_config']}, {paths['curves']}")
+    log(f"wrote {', '.join(paths.values())}" + (f" (and a copy in {out_dir})" if out_dir else ""))
     return analysis
