@@ -124,6 +124,9 @@ def _run_train(args: argparse.Namespace) -> None:
         cfg = run_config(resume_paths(args.resume, where.run.storage_path), args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
+    from raygpt.training.memory import check_memory_plan
+
+    check_memory_plan(cfg)  # from the config alone: before the data is looked at
     if cfg.data.source and not has_manifest(cfg.data.dir):
         if args.check:
             print(f"config ok; data.dir {cfg.data.dir} is not prepared yet (a launch prepares it from "

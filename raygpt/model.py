@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # Architecture presets. gpt2-* are the four GPT-2 sizes; `tiny` is sized for CPUs (the demo job).
 PRESETS: dict[str, dict] = {
@@ -127,6 +128,7 @@ class GPTModel(nn.Module):
         pad_vocab_multiple: int = 1,
     ):
         super().__init__()
+        self.activation_checkpointing = False  # a training setting, not part of the shape
         cfg = GPTConfig(
             embedding_dim, num_layers, num_heads, context_len, vocabulary_size, dropout, qkv_bias,
             tie_embeddings, pad_vocab_multiple,
@@ -151,7 +153,9 @@ class GPTModel(nn.Module):
     @classmethod
     def from_config(cls, cfg: GPTConfig) -> "GPTModel":
         # Accepts any object with GPTConfig's fields (the config file's model section has more).
-        return cls(**{f.name: getattr(cfg, f.name) for f in fields(GPTConfig)})
+        model = cls(**{f.name: getattr(cfg, f.name) for f in fields(GPTConfig)})
+        model.activation_checkpointing = bool(getattr(cfg, "activation_checkpointing", False))
+        return model
 
     def _init_weights(self, num_layers: int) -> None:
         # GPT-2: N(0, 0.02) everywhere, zero biases, and the projections that write into the
@@ -186,7 +190,13 @@ class GPTModel(nn.Module):
             raise ValueError(f"sequence length {t} exceeds context_len {self.cfg.context_len}")
         pos = torch.arange(t, device=idx.device)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))
-        x = self.trf_blocks(x)
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            # Keep only each block's input; its activations are recomputed in backward (with the
+            # same dropout masks: the RNG state is replayed).
+            for block in self.trf_blocks:
+                x = checkpoint(block, x, use_reentrant=False)
+        else:
+            x = self.trf_blocks(x)
         logits = self.out_head(self.final_norm(x))
         return logits if self.padded_vocab == self.cfg.vocabulary_size else logits[..., : self.cfg.vocabulary_size]
 

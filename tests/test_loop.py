@@ -81,6 +81,17 @@ def test_same_seed_same_weights(data_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_activation_checkpointing_leaves_the_run_as_it_was(data_dir, tmp_path):
+    cfg = tiny_config(data_dir, tmp_path, "model.dropout=0.1", "train.max_steps=6")
+    run(cfg, data_dir, tmp_path / "a")
+    cfg.model.activation_checkpointing = True
+    run(cfg, data_dir, tmp_path / "b")
+    a, b = weights(tmp_path / "a", 6), weights(tmp_path / "b", 6)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    curve = lambda d: [v for r in read_metrics(str(d)) for v in (r["step"], r["train_loss"], r["val_loss"])]  # noqa: E731
+    assert curve(tmp_path / "a") == pytest.approx(curve(tmp_path / "b"), abs=1e-6)
+
+
 def test_gradient_accumulation_matches_the_full_batch(data_dir, tmp_path):
     full = tiny_config(data_dir, tmp_path, "train.max_steps=6")
     accum = tiny_config(data_dir, tmp_path, "train.max_steps=6", "train.grad_accum_steps=4")

@@ -112,3 +112,23 @@ def test_generate_keeps_training_mode():
     model = tiny().train()
     model.generate(torch.tensor([[1]]), 2)
     assert model.training
+
+
+def test_activation_checkpointing_recomputes_to_the_same_loss_and_gradients():
+    def loss_and_grads(checkpointing):
+        torch.manual_seed(0)
+        model = GPTModel(embedding_dim=32, num_layers=3, num_heads=2, context_len=16, vocabulary_size=100,
+                         dropout=0.1)
+        model.activation_checkpointing = checkpointing
+        calls, ff = [], model.trf_blocks[0].ff.forward
+        model.trf_blocks[0].ff.forward = lambda h: calls.append(1) or ff(h)
+        x = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(5)  # dropout draws the same masks when a block is recomputed
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten())
+        loss.backward()
+        assert len(calls) == (2 if checkpointing else 1)  # recomputed in backward, not stored
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    plain, recomputed = loss_and_grads(False), loss_and_grads(True)
+    assert torch.equal(plain[0], recomputed[0])
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(plain[1], recomputed[1]))
