@@ -76,6 +76,9 @@ class TrainConfig:
     max_tokens: int | None = None
     grad_accum_steps: int = 1
     eval_freq: int = 5
+    # Every this many steps, a light row in the metrics log (and TensorBoard): the step's train loss
+    # (mean over workers and micro-batches), gradient norm, lr, step time, tokens/s.
+    log_freq: int = 1
     # Evaluation (raygpt.training.evaluation.evaluate). spread: fixed windows spread evenly over each whole split,
     # eval_tokens per split per report (ceil(eval_tokens / context_len) windows, at most the split);
     # the last report's val loss reads final_eval_tokens (at least eval_tokens; null: the whole val
@@ -331,7 +334,7 @@ def validate(cfg: Config) -> None:
         "model.vocabulary_size": m.vocabulary_size, "train.batch_size": t.batch_size,
         "train.num_epochs": t.num_epochs, "train.max_steps": t.max_steps,
         "train.max_tokens": t.max_tokens, "train.grad_accum_steps": t.grad_accum_steps,
-        "train.eval_freq": t.eval_freq, "train.eval_iter": t.eval_iter,
+        "train.eval_freq": t.eval_freq, "train.eval_iter": t.eval_iter, "train.log_freq": t.log_freq,
         "train.save_freq": t.save_freq, "run.num_workers": r.num_workers,
         "run.cpus_per_worker": r.cpus_per_worker, "run.gpus_per_worker": r.gpus_per_worker,
         "run.num_to_keep": r.num_to_keep,

@@ -2,7 +2,8 @@
 
     <storage_path>/<run name>/
         config.yaml                the run's config, written at launch
-        metrics.jsonl              one row per report, plus event rows (restarts, resumes)
+        metrics.jsonl              one row per report, a light row every train.log_freq steps
+                                   ("kind": "step"), and event rows (restarts, resumes)
         progress.json              the step the run has reached (refreshed while it trains)
         lease.json                 the process writing the run now: owner and heartbeat
         loss.png                   the loss curves and lr schedule, drawn when the run ends
@@ -158,9 +159,19 @@ def write_log(run_dir: str, rows: list[dict[str, Any]]) -> None:
     storage.write_text(storage.join(run_dir, METRICS_FILE), "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def is_step_row(row: dict[str, Any]) -> bool:
+    """A light per-step row (train.log_freq), as opposed to a report row or an event."""
+    return row.get("kind") == "step"
+
+
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:
-    """The metric rows of a run's log, one per eval, in step order."""
-    return [r for r in read_log(run_dir) if "event" not in r]
+    """The report rows of a run's log, one per eval, in step order."""
+    return [r for r in read_log(run_dir) if "event" not in r and not is_step_row(r)]
+
+
+def read_steps(run_dir: str) -> list[dict[str, Any]]:
+    """The per-step rows of a run's log (train loss, grad norm, lr, step time), in step order."""
+    return [r for r in read_log(run_dir) if is_step_row(r)]
 
 
 def read_events(run_dir: str) -> list[dict[str, Any]]:

@@ -73,6 +73,23 @@ def test_run_lowers_loss_and_writes_checkpoints_and_metrics(data_dir, tmp_path):
     assert state["step"] == 12 and state["samples_consumed"] == 96 and state["config"]["model"]["embedding_dim"] == 32
 
 
+def test_every_step_is_logged_with_its_loss_grad_norm_and_lr(data_dir, tmp_path):
+    from raygpt.runs import read_steps
+    from raygpt.training.schedule import lr_at
+
+    cfg = tiny_config(data_dir, tmp_path)  # train.log_freq 1 by default
+    run(cfg, data_dir, tmp_path / "run")
+    steps = read_steps(str(tmp_path / "run"))
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    assert all({"train_loss", "grad_norm", "lr", "step_time", "tokens_per_s", "tokens_seen"} <= set(r) for r in steps)
+    assert [r["lr"] for r in steps] == [lr_at(s - 1, 12, cfg.optim) for s in range(1, 13)]
+    assert steps[-1]["tokens_seen"] == 12 * 8 * 16 and steps[-1]["train_loss"] < steps[0]["train_loss"]
+    assert [r["step"] for r in read_metrics(str(tmp_path / "run"))] == [0, 4, 8, 12]  # the reports, as before
+    cfg.train.log_freq = 5
+    run(cfg, data_dir, tmp_path / "sparse")
+    assert [r["step"] for r in read_steps(str(tmp_path / "sparse"))] == [5, 10]
+
+
 def test_same_seed_same_weights(data_dir, tmp_path):
     cfg = tiny_config(data_dir, tmp_path, "model.dropout=0.1", "train.max_steps=6")
     run(cfg, data_dir, tmp_path / "a")

@@ -91,6 +91,21 @@ def test_exception_then_rerun_is_exact(data_dir, reference, tmp_path):
     assert event["restored_step"] == 4 and event["reached_step"] >= 6
 
 
+def test_a_crash_between_reports_logs_every_step_once(data_dir, reference, tmp_path):
+    from raygpt.runs import read_steps
+
+    # Reports every 2 steps, checkpoints every 4, a crash after step 7: the log holds steps 5 and
+    # 6 (written by the step-6 report) when the run resumes from step 4 and computes them again.
+    cfg = reference_config(data_dir, tmp_path, "train.eval_freq=2", "fault.crash_at_step=7")
+    with pytest.raises(recovery.InjectedFault):
+        run(cfg, data_dir, tmp_path / "run")
+    assert [r["step"] for r in read_steps(str(tmp_path / "run"))] == [1, 2, 3, 4, 5, 6]
+    run(cfg, data_dir, tmp_path / "run")
+    steps = read_steps(str(tmp_path / "run"))
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    assert [r["train_loss"] for r in steps] == [r["train_loss"] for r in read_steps(str(reference))]
+
+
 def test_sigterm_saves_a_checkpoint_so_no_step_is_lost(data_dir, reference, tmp_path):
     cfg = reference_config(data_dir, tmp_path, "fault.crash_at_step=6", "fault.kind=sigterm")
     before = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or Ray's if this process joined a Ray

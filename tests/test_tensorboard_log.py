@@ -47,3 +47,15 @@ def test_a_resumed_run_purges_the_recomputed_steps(tmp_path):
     assert [s for s, _ in got["loss_vs_tokens/val"]] == [r["tokens_seen"] for r in read_metrics(run_dir)]
     values = dict(scalars(run_dir)["loss/val"])
     assert values[6] == pytest.approx(next(r["val_loss"] for r in read_metrics(run_dir) if r["step"] == 6), rel=1e-6)
+
+
+def test_every_step_has_its_loss_and_grad_norm_in_tensorboard(tmp_path):
+    from raygpt.runs import read_steps
+
+    data = make_corpus(tmp_path / "corpus")
+    run_dir = tmp_path / "run"
+    run_without_ray(tiny_config(data, tmp_path), str(data), str(run_dir))
+    got = scalars(run_dir)
+    steps = read_steps(str(run_dir))
+    assert [s for s, _ in got["step/train_loss"]] == list(range(1, 13))
+    assert [v for _, v in got["step/grad_norm"]] == pytest.approx([r["grad_norm"] for r in steps], rel=1e-6)

@@ -128,15 +128,15 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
             batches = DevicePrefetcher(iter(loader), rt.device)
             for _ in range(min(plan.steps_per_epoch - state.batch_in_epoch, plan.total_steps - state.step)):
                 t0 = time.perf_counter()
-                train_step(model, optimizer, batches,
-                           lr=lr_at(state.step, plan.total_steps, o),
-                           seed=step_seed(t.seed, state.epoch, state.step, rt.rank),
-                           max_norm=(o.max_norm if should_clip(state.step, o.warmup_steps, o.clip_during_warmup)
-                                     else None),
-                           grad_accum_steps=t.grad_accum_steps, device=rt.device, precision=precision,
-                           step_label=f"step {state.step + 1} on rank {rt.rank}")
+                lr = lr_at(state.step, plan.total_steps, o)
+                log_step = (state.step + 1) % t.log_freq == 0  # every rank alike: the loss mean is a collective
+                clip = o.max_norm if should_clip(state.step, o.warmup_steps, o.clip_during_warmup) else None
+                result = train_step(model, optimizer, batches, lr=lr,
+                                    seed=step_seed(t.seed, state.epoch, state.step, rt.rank), max_norm=clip,
+                                    grad_accum_steps=t.grad_accum_steps, device=rt.device, precision=precision,
+                                    step_label=f"step {state.step + 1} on rank {rt.rank}", mean_loss=log_step)
                 state.advance(tokens_per_step, plan.steps_per_epoch)
-                reporter.step_done(state.step, time.perf_counter() - t0)
+                reporter.step_done(state, time.perf_counter() - t0, lr, result if log_step else None)
                 if stop.requested():
                     reporter.save_before_exit(state)
                 done = state.step >= plan.total_steps

@@ -23,6 +23,7 @@ from raygpt.training import perf, recovery, speed
 from raygpt.training.evaluation import EvalSets, generate_sample
 from raygpt.training.runtime import Runtime, TrainState
 from raygpt.training.schedule import lr_at
+from raygpt.training.step import StepResult
 from raygpt.training.tensorboard_log import TensorBoardLog
 
 
@@ -46,11 +47,21 @@ class Reporter:
     def elapsed(self) -> float:
         return self.elapsed_before + (time.perf_counter() - self.started)
 
-    def step_done(self, step: int, seconds: float) -> None:
+    def step_done(self, state: TrainState, seconds: float, lr: float, result: StepResult | None) -> None:
+        """A step ended; with `result` (every train.log_freq steps), rank 0 logs its light row,
+        written to the metrics log with the next report."""
         self.window_steps += 1
         self.window_seconds += seconds
         if self.progress:
-            self.progress.step = step
+            self.progress.step = state.step
+        if result is None or not self.rank0 or not self.rt.run_dir:
+            return
+        tokens = self.cfg.train.batch_size * self.cfg.model.context_len
+        row = {"kind": "step", "step": state.step, "epoch": state.epoch, "tokens_seen": state.tokens_seen,
+               "train_loss": result.mean_loss, "grad_norm": result.grad_norm_value, "lr": lr,
+               "step_time": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else 0.0}
+        self.log_rows.append(row)
+        self.tensorboard.add(row, flush=False)
 
     def evaluate_and_log(self, state: TrainState, save: bool, final: bool = False) -> dict[str, Any]:
         """Evaluate (`final`: the larger final sample), log and (if `save`) checkpoint; throughput

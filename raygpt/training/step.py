@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from raygpt.errors import TrainingFailed
@@ -67,6 +68,8 @@ class DevicePrefetcher:
 class StepResult:
     loss: torch.Tensor  # the last micro-batch's loss (detached, on the device)
     grad_norm: torch.Tensor  # the global gradient norm before clipping
+    grad_norm_value: float = math.nan  # the same, read back (the step's one host sync)
+    mean_loss: float | None = None  # with `mean_loss`: over micro-batches (and workers), read back in that sync
 
 
 def train_step(
@@ -81,13 +84,17 @@ def train_step(
     device: torch.device = torch.device("cpu"),
     precision: str = "fp32",
     step_label: str = "",
+    mean_loss: bool = False,
 ) -> StepResult:
     """One optimizer step over `grad_accum_steps` micro-batches from `batches`; clip to
     `max_norm` (None: measure the norm only). A non-finite gradient norm raises TrainingFailed
-    before the optimizer runs, so the weights stay as they were (`step_label` names the step)."""
+    before the optimizer runs, so the weights stay as they were (`step_label` names the step).
+    `mean_loss`: also the loss over all micro-batches and (under torch.distributed) all workers,
+    read back in the same host sync as the norm (a collective: every rank passes the same)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     torch.manual_seed(seed)
+    loss_sum = torch.zeros((), device=device)
     for micro in range(grad_accum_steps):
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -97,17 +104,26 @@ def train_step(
             with speed.autocast(device, precision):
                 loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
             (loss / grad_accum_steps).backward()
+        loss_sum += loss.detach()
     norm = clip_gradients(model.parameters(), max_norm) if max_norm is not None else gradient_norm(model.parameters())
     # With DDP the gradients are all-reduced, so every rank sees the same norm and stops together.
     # One host sync per step (a device-side flag would let the bad step be applied first); the
     # next micro-batch is read while the device finishes.
     if isinstance(batches, DevicePrefetcher):
         batches.prefetch()
-    value = norm.item()
+    mean = None
+    if mean_loss:
+        loss_mean = loss_sum / grad_accum_steps
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(loss_mean)
+            loss_mean /= dist.get_world_size()
+        value, mean = torch.stack([norm.detach().float(), loss_mean.float()]).tolist()
+    else:
+        value = norm.item()
     if not math.isfinite(value):
         raise TrainingFailed(f"non-finite gradient norm ({value}) at {step_label or 'this step'} "
                              f"(loss {loss.item():.4g}); nothing of this step was applied or saved: "
                              f"lower optim.peak_lr, or check the data")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss.detach(), norm)
+    return StepResult(loss.detach(), norm, value, mean)

@@ -32,6 +32,11 @@ STEP_SCALARS = {
 }
 # ... and against tokens seen
 TOKEN_SCALARS = {"train_loss": "loss_vs_tokens/train", "val_loss": "loss_vs_tokens/val"}
+# The light per-step rows (train.log_freq), against the step, in a group of their own
+STEP_ROW_SCALARS = {
+    "train_loss": "step/train_loss", "grad_norm": "step/grad_norm", "lr": "step/lr",
+    "step_time": "step/step_time_s", "tokens_per_s": "step/tokens_per_s",
+}
 
 
 class TensorBoardLog:
@@ -50,14 +55,21 @@ class TensorBoardLog:
             if "event" not in row:
                 self._write(row)
 
-    def add(self, metrics: dict[str, Any]) -> None:
+    def add(self, metrics: dict[str, Any], flush: bool = True) -> None:
+        """One row of the metrics log; `flush` (reports) writes the events out (and uploads them)."""
         self._write(metrics)
-        self.writer.flush()
-        if self.remote:
-            self._upload()
+        if flush:
+            self.writer.flush()
+            if self.remote:
+                self._upload()
 
     def _write(self, metrics: dict[str, Any]) -> None:
         step, tokens = metrics["step"], metrics.get("tokens_seen", 0)
+        if metrics.get("kind") == "step":
+            for key, tag in STEP_ROW_SCALARS.items():
+                if metrics.get(key) is not None:
+                    self.writer.add_scalar(tag, metrics[key], step)
+            return
         for key, tag in STEP_SCALARS.items():
             if metrics.get(key) is not None:
                 self.writer.add_scalar(tag, metrics[key], step)
