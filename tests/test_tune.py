@@ -299,3 +299,24 @@ def test_the_smallest_hyperband_bracket_is_rays(max_t, eta):
     from raygpt.search.tune import hyperband_smallest_bracket
 
     assert hyperband_smallest_bracket(max_t, eta) == HyperBandScheduler(max_t=max_t, reduction_factor=eta)._get_n0(1)
+
+
+def test_the_search_curves_draw_every_trials_step_losses_beside_the_val_losses(tmp_path):
+    pytest.importorskip("matplotlib")
+    import struct
+
+    from raygpt.search.analysis import Analysis, plot_curves
+
+    settings = TuneSettings()
+    rows = [{"trial_id": t, "optim.peak_lr": lr, "stopped_early": t == "b"} for t, lr in (("a", 0.01), ("b", 0.001))]
+    curves = {t: [{"step": s, "val_loss": 10 - s / 8} for s in (0, 4, 8)] for t in "ab"}
+    steps = {t: [{"step": s, "train_loss": 10 - s / 9} for s in range(1, 9)] for t in "ab"}
+
+    def size(step_curves):
+        path = tmp_path / f"{len(step_curves)}.png"
+        plot_curves(Analysis(str(tmp_path), rows, ["optim.peak_lr"], curves, {}, settings, 0, 0,
+                             step_curves=step_curves), str(path))
+        return struct.unpack(">II", path.read_bytes()[16:24])
+
+    assert size({}) == (800, 500)
+    assert size(steps) == (1400, 500)

@@ -19,7 +19,7 @@ import yaml
 
 from raygpt import runs, storage
 from raygpt.errors import UserError
-from raygpt.runs import SEARCH_FILE, best_checkpoint, read_metrics
+from raygpt.runs import SEARCH_FILE, best_checkpoint, is_step_row, read_log
 from raygpt.search.spec import (
     TuneSettings,
     rung_index,
@@ -44,6 +44,7 @@ class Analysis:
     tokens_full_grid: int  # every launched trial run to max_t
     concurrency: str = ""  # how many trials ran at once, and why
     errors: dict[str, str] = dataclasses.field(default_factory=dict)  # trial id -> one-line cause
+    step_curves: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)  # trial id -> step rows
 
     @property
     def failed(self) -> bool:
@@ -67,15 +68,17 @@ def analyze(experiment_dir: str) -> Analysis:
         ea = ExperimentAnalysis(experiment_dir)
     except ValueError:
         raise UserError(f"no Tune experiment state in {experiment_dir}; the search never started") from None
-    rows, curves, configs, errors = [], {}, {}, {}
+    rows, curves, configs, errors, step_curves = [], {}, {}, {}, {}
     trained = full = 0
     base = search_base(search)
     for trial in ea.trials:
         hp = trial.config["hp"]
         cfg = trial_config(base, hp).to_dict()
         run_dir = storage.join(experiment_dir, f"train-{trial.trial_id}")
-        metrics = read_metrics(run_dir)
+        log = read_log(run_dir)
+        metrics = [r for r in log if "event" not in r and not is_step_row(r)]
         curves[trial.trial_id] = metrics
+        step_curves[trial.trial_id] = [r for r in log if is_step_row(r)]
         configs[trial.trial_id] = cfg
         tokens_per_step = cfg["train"]["batch_size"] * cfg["model"]["context_len"]
         total_steps = metrics[-1]["total_steps"] if metrics else planned.get(_key(hp))
@@ -106,7 +109,7 @@ def analyze(experiment_dir: str) -> Analysis:
         })
     rows.sort(key=lambda r: (r["best_val_loss"] is None, r["best_val_loss"] if r["best_val_loss"] is not None else 0))
     return Analysis(experiment_dir, rows, varied, curves, configs, settings, trained, full,
-                    launch.get("concurrency", ""), errors)
+                    launch.get("concurrency", ""), errors, step_curves)
 
 
 def _key(overrides: dict[str, Any]) -> str:
@@ -179,8 +182,12 @@ def plot_curves(analysis: Analysis, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from raygpt.training.plots import smoothed
+
     attr = analysis.settings.time_attr
-    fig, ax = plt.subplots(figsize=(8, 5))
+    with_steps = any(analysis.step_curves.get(r["trial_id"]) for r in analysis.rows)
+    fig, axes = plt.subplots(1, 2 if with_steps else 1, figsize=(14 if with_steps else 8, 5), squeeze=False)
+    ax = axes[0][0]
     for row in analysis.rows:
         metrics = analysis.curves[row["trial_id"]]
         if not metrics:
@@ -192,10 +199,19 @@ def plot_curves(analysis: Analysis, path: str) -> None:
         (line,) = ax.plot(xs, ys, label=label, alpha=0.85)
         if row["stopped_early"]:
             ax.plot(xs[-1], ys[-1], marker="x", markersize=9, color=line.get_color())
+        steps = analysis.step_curves.get(row["trial_id"]) or []
+        if with_steps and steps:
+            losses = [s["train_loss"] for s in steps]
+            axes[0][1].plot([s[attr] for s in steps], smoothed(losses, max(3, len(steps) // 50)),
+                            color=line.get_color(), alpha=0.85, linewidth=1.0)
     ax.set_xlabel(attr.replace("_", " "))
     ax.set_ylabel("val loss")
     ax.set_title("val loss per trial (x: stopped early by ASHA)")
     ax.legend(fontsize=7, loc="upper right")
+    if with_steps:
+        axes[0][1].set_xlabel(attr.replace("_", " "))
+        axes[0][1].set_ylabel("train loss per step (smoothed)")
+        axes[0][1].set_title("train loss of every logged step")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
