@@ -13,10 +13,17 @@ from raygpt.training.memory import GB, check_memory_plan, count_parameters, memo
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
 
 
-def test_the_parameters_are_counted_as_the_model_has_them_padding_included():
-    cfg = load_config(None, ["model.preset=tiny", "model.pad_vocab_multiple=64"])
-    padding = 2 * 128 * (50304 - 50257)  # the embedding's and the head's extra rows
-    assert count_parameters(cfg) == GPTModel.from_config(cfg.model).num_parameters() + padding
+@pytest.mark.parametrize("extra", [[], ["model.tie_embeddings=true"], ["model.qkv_bias=true"],
+                                   ["model.pad_vocab_multiple=1"]])
+def test_the_parameters_are_counted_as_the_model_has_them_padding_included(extra):
+    cfg = load_config(None, ["model.preset=tiny", "model.pad_vocab_multiple=64", *extra])
+    model = GPTModel.from_config(cfg.model)
+    assert count_parameters(cfg) == sum(p.numel() for p in model.parameters())
+
+
+def test_a_huge_config_is_counted_at_once():
+    cfg = load_config(None, ["model.num_layers=1000000", "model.embedding_dim=65536", "model.num_heads=1"])
+    assert count_parameters(cfg) > 10**15
 
 
 def test_state_is_16_bytes_per_parameter_and_checkpointing_shrinks_only_activations():

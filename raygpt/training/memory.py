@@ -22,11 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from raygpt.config import GPU_MEMORY_GB, Config
 from raygpt.errors import UserError
-from raygpt.model import GPTModel, padded_vocab_size
+from raygpt.model import padded_vocab_size
 
 GB = 1e9
 BLOCK_VALUES_PER_TOKEN = 17  # per embedding dimension, kept by one block for backward
@@ -57,9 +55,15 @@ class MemoryPlan:
 
 
 def count_parameters(cfg: Config) -> int:
-    """The model's parameters, padded vocabulary included, counted without allocating them."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in GPTModel.from_config(cfg.model).parameters())
+    """The model's parameters, padded vocabulary included, by formula (no model is built, so any
+    config, however large, is counted at once): embeddings, per block two LayerNorms, q/k/v and
+    the output projection (12 d^2 with the MLP's two 4d matrices) and their biases, the final
+    LayerNorm, and the head unless tied to the token embedding."""
+    m = cfg.model
+    d, vocab = m.embedding_dim, padded_vocab_size(m.vocabulary_size, m.pad_vocab_multiple)
+    block = 12 * d * d + 10 * d + (3 * d if m.qkv_bias else 0)
+    head = 0 if m.tie_embeddings else vocab * d
+    return vocab * d + m.context_len * d + m.num_layers * block + 2 * d + head
 
 
 def activation_bytes(cfg: Config, micro_batch: int, precision: str) -> float:
