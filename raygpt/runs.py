@@ -164,9 +164,14 @@ def is_step_row(row: dict[str, Any]) -> bool:
     return row.get("kind") == "step"
 
 
+def is_report_row(row: dict[str, Any]) -> bool:
+    """A report's row (one per eval), as opposed to a per-step row or an event."""
+    return "event" not in row and not is_step_row(row)
+
+
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:
     """The report rows of a run's log, one per eval, in step order."""
-    return [r for r in read_log(run_dir) if "event" not in r and not is_step_row(r)]
+    return [r for r in read_log(run_dir) if is_report_row(r)]
 
 
 def read_steps(run_dir: str) -> list[dict[str, Any]]:

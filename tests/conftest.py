@@ -169,7 +169,10 @@ def s3_server():
         yield env["AWS_ENDPOINT_URL"]
     finally:
         for k, v in before.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         proc.terminate()
         proc.wait(timeout=30)
         log.close()

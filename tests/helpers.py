@@ -106,3 +106,27 @@ def folder_with_shards(tmp_path, sizes):
     manifest = {"splits": {"train": {"tokens": start, "shards": shards}, "val": {"tokens": 0, "shards": []}}}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     return tmp_path
+
+
+def checkpoint_folder(folder: Path, weights: int) -> Path:
+    """A checkpoint-shaped folder to upload: a sparse model.pt of `weights` bytes, optimizer.pt, state.json."""
+    folder.mkdir()
+    with open(folder / "model.pt", "wb") as f:
+        f.truncate(weights)
+    (folder / "optimizer.pt").write_bytes(b"o" * 1000)
+    (folder / "state.json").write_text("{}")
+    return folder
+
+
+def kill_upload(src: Path, dest: str, delay: float) -> None:
+    """`storage.upload(src, dest)` in another process, SIGKILLed `delay` seconds after it starts."""
+    import subprocess
+    import sys
+    import time
+
+    code = f"from raygpt import storage; print('go', flush=True); storage.upload({str(src)!r}, {dest!r})"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "go"
+    time.sleep(delay)
+    proc.kill()
+    proc.wait()

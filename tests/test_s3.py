@@ -2,15 +2,12 @@
 AWS_ENDPOINT_URL as MinIO, Ceph or R2 would be), not only file:// URIs, which rename atomically and
 never upload in parts. The `bucket` fixture (conftest.py) gives each test an empty bucket."""
 
-import subprocess
-import sys
-import time
 
 import pyarrow.fs as pafs
 import pytest
 import torch
 import yaml
-from helpers import make_prose_corpus, prose_documents, search_raw, tiny_config
+from helpers import checkpoint_folder, kill_upload, make_prose_corpus, prose_documents, search_raw, tiny_config
 
 from raygpt import runs, storage
 from raygpt.data.remote import local_shards, prepare_to
@@ -58,22 +55,11 @@ def test_small_files_round_trip_and_missing_ones_do_not_exist(bucket):
 
 
 def test_a_killed_upload_never_leaves_state_json_beside_partial_weights(bucket, tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
     weights = 40 * 2**20  # past pyarrow's multipart threshold: uploaded in parts
-    with open(src / "model.pt", "wb") as f:
-        f.truncate(weights)
-    (src / "optimizer.pt").write_bytes(b"o" * 1000)
-    (src / "state.json").write_text("{}")
+    src = checkpoint_folder(tmp_path / "src", weights)
     for i, delay in enumerate([0.05, 0.3, 1.0]):
         run = storage.join(bucket, f"run{i}")
-        code = (f"from raygpt import storage; print('go', flush=True); "
-                f"storage.upload({str(src)!r}, {storage.join(run, 'checkpoint_0000001')!r})")
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "go"
-        time.sleep(delay)
-        proc.kill()
-        proc.wait()
+        kill_upload(src, storage.join(run, "checkpoint_0000001"), delay)
         for uri in runs.complete_checkpoints(run):
             assert size(storage.join(uri, "model.pt")) == weights, (
                 f"killed at +{delay} s: state.json beside partial weights")

@@ -3,7 +3,8 @@
 import os
 import subprocess
 import sys
-import time
+
+from helpers import checkpoint_folder, kill_upload
 
 from raygpt import runs, storage
 
@@ -19,22 +20,11 @@ def test_an_unknown_storage_scheme_is_one_line_naming_it(tmp_path, capsys):
 def test_a_killed_upload_never_leaves_state_json_beside_partial_weights(tmp_path):
     """state.json marks a checkpoint complete. An upload killed part way (SIGKILL at several
     moments of copying a 100 MB model.pt) leaves either no checkpoint or a whole one."""
-    src = tmp_path / "src"
-    src.mkdir()
     size = 100 * 2**20
-    with open(src / "model.pt", "wb") as f:
-        f.truncate(size)
-    (src / "optimizer.pt").write_bytes(b"o" * 1000)
-    (src / "state.json").write_text("{}")
+    src = checkpoint_folder(tmp_path / "src", size)
     for i, delay in enumerate([0.0, 0.01, 0.03, 0.1]):
         run = tmp_path / f"run{i}"
-        code = (f"from raygpt import storage as c; print('go', flush=True); "
-                f"c.upload({str(src)!r}, {str(run / 'checkpoint_0000001')!r})")
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "go"
-        time.sleep(delay)
-        proc.kill()
-        proc.wait()
+        kill_upload(src, str(run / "checkpoint_0000001"), delay)
         done = run / "checkpoint_0000001"
         if (done / "state.json").exists():
             assert (done / "model.pt").stat().st_size == size, (

@@ -19,7 +19,7 @@ import yaml
 
 from raygpt import runs, storage
 from raygpt.errors import UserError
-from raygpt.runs import SEARCH_FILE, best_checkpoint, is_step_row, read_log
+from raygpt.runs import SEARCH_FILE, best_checkpoint, is_report_row, is_step_row, read_log
 from raygpt.search.spec import (
     TuneSettings,
     rung_index,
@@ -76,7 +76,7 @@ def analyze(experiment_dir: str) -> Analysis:
         cfg = trial_config(base, hp).to_dict()
         run_dir = storage.join(experiment_dir, f"train-{trial.trial_id}")
         log = read_log(run_dir)
-        metrics = [r for r in log if "event" not in r and not is_step_row(r)]
+        metrics = [r for r in log if is_report_row(r)]
         curves[trial.trial_id] = metrics
         step_curves[trial.trial_id] = [r for r in log if is_step_row(r)]
         configs[trial.trial_id] = cfg
@@ -169,10 +169,10 @@ def write_outputs(analysis: Analysis, out_dir: str | None = None) -> dict[str, s
             f.write("# The best trial of the search; train it as is with: raygpt train --config best_config.yaml\n")
             yaml.safe_dump(best_config(analysis), f, sort_keys=False)
         plot_curves(analysis, local["curves"])
-        for folder in [analysis.experiment_dir] + ([out_dir] if out_dir else []):
+        for folder in [analysis.experiment_dir] + ([storage.resolve_storage(out_dir)] if out_dir else []):
             for key, name in OUTPUTS.items():
                 with open(local[key], "rb") as f:
-                    storage.write_bytes(storage.join(storage.resolve_storage(folder), name), f.read())
+                    storage.write_bytes(storage.join(folder, name), f.read())
     return {key: storage.join(analysis.experiment_dir, name) for key, name in OUTPUTS.items()}
 
 

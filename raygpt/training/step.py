@@ -94,7 +94,7 @@ def train_step(
     for group in optimizer.param_groups:
         group["lr"] = lr
     torch.manual_seed(seed)
-    loss_sum = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=device) if mean_loss else None
     for micro in range(grad_accum_steps):
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -104,7 +104,8 @@ def train_step(
             with speed.autocast(device, precision):
                 loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
             (loss / grad_accum_steps).backward()
-        loss_sum += loss.detach()
+        if loss_sum is not None:
+            loss_sum += loss.detach()
     norm = clip_gradients(model.parameters(), max_norm) if max_norm is not None else gradient_norm(model.parameters())
     # With DDP the gradients are all-reduced, so every rank sees the same norm and stops together.
     # One host sync per step (a device-side flag would let the bad step be applied first); the
