@@ -152,3 +152,27 @@ def test_the_jobs_api_answers_only_with_the_token(ray_head):
     assert get({}) == 401
     assert get({"Authorization": "Bearer not-the-token"}) == 403
     assert get({"Authorization": f"Bearer {token}"}) == 200
+
+
+def test_the_gpt2_xl_job_passes_its_launch_check_offline(run_cli, tmp_path):
+    # Its bucket is out of reach here: the same config on a local corpus of enough windows for one
+    # step (128 x 1024 tokens) and a local storage path; no Ray is started by --check.
+    from helpers import prose_documents
+
+    from raygpt.data.prepare import prepare_local
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for copy in range(2):  # the pydoc topics twice: ~250k train tokens
+        for i, text in enumerate(prose_documents()):
+            (src / f"doc{copy}-{i:03d}.txt").write_text(text)
+    data = tmp_path / "data"
+    prepare_local([str(src)], data, val_fraction=0.2, log=lambda *a: None, progress=False)
+    code, out, err = run_cli("train", "--check", "--config", str(REPO / "jobs" / "gpt2-xl.yaml"),
+                             "--set", f"data.dir={data}", "--set", "data.source=null",
+                             "--set", f"run.storage_path={tmp_path / 'runs'}")
+    assert code == 0, err
+    plan, ok = out.splitlines()
+    assert plan.startswith("memory per worker: 15.93 GB of the A10G's 24 GB, sharded over 8 workers (fsdp) (")
+    assert ok.startswith("ok: run ") and ok.endswith(": 1000 steps of 128 x 1024 tokens on 8 worker(s); "
+                                                      "nothing started")
