@@ -1,8 +1,17 @@
 """Checkpoints: what one holds, and how it is saved and loaded.
 
-A checkpoint is a folder `checkpoint_<step>` holding `model.pt` and `optimizer.pt` (plain state
-dicts, loaded with `torch.load(weights_only=True)`: no arbitrary unpickling) and `state.json`
-(step, epoch, data position, tokens seen, the run's config, the format version). Runs live in
+A checkpoint is a folder `checkpoint_<step>` holding the weights and optimizer state and
+`state.json` (step, epoch, data position, tokens seen, the run's config, the format version),
+written last. The weights come in one of two layouts:
+
+- whole (run.strategy ddp): `model.pt` and `optimizer.pt`, plain state dicts written by rank 0,
+  loaded with `torch.load(weights_only=True)` (no arbitrary unpickling);
+- sharded (run.strategy fsdp): torch.distributed.checkpoint (DCP) files, one `__<rank>_0.distcp`
+  per worker holding its shards of the model and optimizer, and the `.metadata` index of where
+  each slice of each tensor lives (no pickled code is loaded: DCP reads tensors by index).
+
+Either layout loads into either strategy at any worker count: a sharded checkpoint is read back
+whole (`load_checkpoint`) and handed out again (`raygpt.training.sharding`). Runs live in
 `<storage_path>/<run name>/` (`raygpt.runs` names, orders and prunes them).
 """
 
@@ -19,6 +28,7 @@ from raygpt.errors import UserError
 from raygpt.storage import STATE_FILE
 
 CHECKPOINT_FORMAT_VERSION = 1
+SHARDED_INDEX = ".metadata"  # DCP's index: its presence makes a checkpoint folder a sharded one
 _PREFIXES = ("module.", "_orig_mod.")  # added by DDP and torch.compile
 
 
@@ -51,8 +61,39 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch
     torch.save(unwrapped_state_dict(model), folder / "model.pt")
     if optimizer is not None:
         torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-    # state.json last: a folder with it is complete.
-    (folder / STATE_FILE).write_text(json.dumps({"format_version": CHECKPOINT_FORMAT_VERSION, **state}, indent=1))
+    write_state(folder, state)  # last: a folder with it is complete
+
+
+def write_state(folder: str | Path, state: dict[str, Any]) -> None:
+    """A checkpoint's state.json, with this raygpt's format version."""
+    (Path(folder) / STATE_FILE).write_text(json.dumps({"format_version": CHECKPOINT_FORMAT_VERSION, **state},
+                                                      indent=1))
+
+
+def save_sharded(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every rank together (DCP's save is a collective): this rank's shards of the model and the
+    optimizer into its local `folder` (`__<rank>_0.distcp`; rank 0 also writes the `.metadata`
+    index, once every rank has written). state.json is the caller's, after every shard is stored."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+
+
+def _load_sharded(folder: Path, with_optimizer: bool) -> dict[str, Any]:
+    """A sharded checkpoint read back whole, on the CPU of this process alone (no collective):
+    {"model": {name: tensor}, "optimizer": {"state": {name: ...}, "param_groups": [...]}} (the
+    optimizer keyed by parameter name, as torch.distributed.checkpoint.state_dict writes it)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    out: dict[str, Any] = {}
+    keys = {"model", "optimizer"} if with_optimizer else {"model"}
+    _load_state_dict(out, storage_reader=FileSystemReader(str(folder)), planner=_EmptyStateDictLoadPlanner(keys=keys),
+                     no_dist=True)
+    return out
 
 
 def load_state(folder: str | Path) -> dict[str, Any]:
@@ -86,10 +127,21 @@ def check_state(state: Any, where: str) -> None:
 
 
 def load_checkpoint(folder: str | Path, with_optimizer: bool = True) -> dict[str, Any]:
-    """{"state": ..., "model": state dict, "optimizer": state dict or None} from a local folder."""
+    """{"state": ..., "model": state dict, "optimizer": state dict or None, "sharded": bool} from a
+    local folder; a sharded checkpoint's optimizer state is keyed by parameter name, a whole one's
+    by index (torch's own format)."""
     folder = Path(folder)
     state = load_state(folder)
-    out: dict[str, Any] = {"state": state, "optimizer": None}
+    out: dict[str, Any] = {"state": state, "optimizer": None, "sharded": (folder / SHARDED_INDEX).exists()}
+    if out["sharded"]:
+        try:
+            out.update(_load_sharded(folder, with_optimizer))
+        except Exception as exc:  # a missing or truncated shard, a foreign index
+            raise UserError(f"checkpoint {folder} is damaged: its shards do not load ({type(exc).__name__}: "
+                            f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})") from None
+        if "model" not in out or (with_optimizer and "optimizer" not in out):
+            raise UserError(f"checkpoint {folder} is incomplete: its shards hold no model or optimizer state")
+        return out
     files = ["model.pt"] + (["optimizer.pt"] if with_optimizer else [])
     for name in files:
         try:

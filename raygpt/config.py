@@ -25,6 +25,7 @@ SCHEMA_VERSION = 1
 FAULT_KINDS = ("raise", "kill", "sigterm")
 EVAL_MODES = ("spread", "first")
 PRECISIONS = ("auto", "fp32", "bf16")  # train.precision (raygpt.training.speed resolves auto)
+STRATEGIES = ("ddp", "fsdp")  # run.strategy (raygpt.training.sharding)
 # run.accelerator_type: Ray's accelerator types (ray.util.accelerators) and one such GPU's memory in
 # GB, for the memory plan (raygpt.training.memory).
 GPU_MEMORY_GB = {
@@ -112,6 +113,9 @@ class RunConfig:
     # The GPU the run is sized for (Ray's accelerator type: A10G, L4, A100-80G, H100, ...): the memory
     # plan is checked against its memory before launch. null: not checked.
     accelerator_type: str | None = None
+    # ddp: every worker holds the whole model, its gradients and AdamW state; fsdp: FSDP2 shards
+    # all three over the workers (each transformer block and the root), for models that do not fit.
+    strategy: str = "ddp"
 
 
 @dataclass
@@ -347,6 +351,8 @@ def validate(cfg: Config) -> None:
     if r.accelerator_type is not None and r.accelerator_type not in GPU_MEMORY_GB:
         raise UserError(f"run.accelerator_type must be one of {', '.join(GPU_MEMORY_GB)} (or null), "
                         f"got {r.accelerator_type!r}")
+    if r.strategy not in STRATEGIES:
+        raise UserError(f"run.strategy must be one of {', '.join(STRATEGIES)}, got {r.strategy!r}")
     if r.use_gpu and r.gpus_per_worker > 1:
         raise UserError(f"run.gpus_per_worker {r.gpus_per_worker:g}: a worker trains on one GPU, the others would "
                         "idle; use 1 and more run.num_workers")

@@ -127,24 +127,45 @@ def upload(local_dir: str, uri: str) -> None:
     disk it is copied under a temporary name and renamed into place; on an object store (no
     rename) `state.json`, the marker every reader trusts, is written strictly after the rest."""
     fs, path = filesystem(uri)
-    local = pafs.LocalFileSystem()
-    if isinstance(fs, pafs.LocalFileSystem):
+    if isinstance(fs, pafs.LocalFileSystem) and not os.path.isdir(path):
         parent, name = os.path.split(path.rstrip("/"))
         fs.create_dir(parent, recursive=True)
         remove_abandoned(parent, name)
         tmp = tempfile.mkdtemp(prefix=temp_prefix(name), dir=parent)
         try:
+            local = pafs.LocalFileSystem()
             pafs.copy_files(local_dir, tmp, source_filesystem=local, destination_filesystem=local)
             os.rename(tmp, path)
         except BaseException:
             fs.delete_dir(tmp)
             raise
         return
+    # An object store, or a folder other workers' shards are in already: file by file.
+    upload_files(local_dir, uri)
+
+
+def upload_files(local_dir: str, uri: str, names: list[str] | None = None) -> None:
+    """Copy the files `names` (default: all) of a local folder into the folder `uri`, which other
+    writers may be filling too (each worker's shards of one checkpoint): each file appears whole
+    under its name (local: written under a temporary name, then renamed; an object store's put is
+    whole), state.json last."""
+    fs, path = filesystem(uri)
+    local = pafs.LocalFileSystem()
     fs.create_dir(path, recursive=True)
-    names = sorted(os.listdir(local_dir), key=lambda n: n == STATE_FILE)  # state.json last
+    names = sorted(os.listdir(local_dir) if names is None else names, key=lambda n: n == STATE_FILE)
     for name in names:
-        pafs.copy_files(os.path.join(local_dir, name), f"{path}/{name}",
-                        source_filesystem=local, destination_filesystem=fs)
+        source = os.path.join(local_dir, name)
+        if not isinstance(fs, pafs.LocalFileSystem):
+            pafs.copy_files(source, f"{path}/{name}", source_filesystem=local, destination_filesystem=fs)
+            continue
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(name), dir=path)
+        os.close(fd)
+        try:
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, os.path.join(path, name))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def download(uri: str, local_dir: str) -> str:

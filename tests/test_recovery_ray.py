@@ -155,3 +155,21 @@ def test_elastic_two_to_one_and_back(ray_address, data_dir, reference, tmp_path)
     # are drawn per rank, so the steps on 1 worker are not bit-identical to those on 2.
     assert all(abs(x[2] - y[2]) < 2e-2 for x, y in zip(ref, got))
     assert got[-1][2] < got[0][2] - 1.0
+
+
+def test_fsdp_worker_killed_restarts_exactly(ray_address, data_dir, tmp_path):
+    """run.strategy fsdp on 2 Ray workers: each worker's shards land in one checkpoint folder, state.json
+    with them; rank 0 SIGKILLed after step 7, the restart from step 4's sharded checkpoint ends bitwise
+    equal to an uninterrupted fsdp run."""
+    train(config(data_dir, tmp_path, "run.name=ref", "run.strategy=fsdp"), address=ray_address, log=quiet)
+    train(config(data_dir, tmp_path, "run.name=f", "run.strategy=fsdp", "run.max_failures=1",
+                 "fault.crash_at_step=7", "fault.kind=kill", "fault.rank=0"), address=ray_address, log=quiet)
+    final = "checkpoint_0000012"
+    assert sorted(p.name for p in (tmp_path / "f" / final).iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "state.json"]
+    a = load_checkpoint(tmp_path / "ref" / final, with_optimizer=False)["model"]
+    b = load_checkpoint(tmp_path / "f" / final, with_optimizer=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert curve(tmp_path / "ref") == curve(tmp_path / "f")
+    (event,) = read_events(str(tmp_path / "f"))
+    assert event["event"] == "restart" and event["restored_step"] == 4

@@ -20,6 +20,7 @@ from raygpt.data.windows import WindowDataset
 from raygpt.tokenizer import EOT_ID, gpt2_encoding
 from raygpt.training import speed
 from raygpt.training.runtime import Runtime
+from raygpt.training.sharding import is_sharded
 
 
 def spread_windows(n_windows: int, count: int) -> list[int]:
@@ -58,13 +59,18 @@ def evaluate(model: torch.nn.Module, ds: WindowDataset, windows: list[int], batc
     model.eval()
     mine = windows[rt.rank::rt.world_size]
     total = torch.zeros((), dtype=torch.float64, device=rt.device)
-    for start in range(0, len(mine), batch):
-        xs, ys = zip(*(ds[i] for i in mine[start:start + batch]))
+    # A sharded model's forward is a collective: every rank runs as many as rank 0 (which has the
+    # most windows), the extra ones on a throwaway window.
+    most = len(windows[0::rt.world_size]) if is_sharded(model) else len(mine)
+    for start in range(0, most, batch):
+        chunk = mine[start:start + batch]
+        xs, ys = zip(*(ds[i] for i in chunk or windows[:1]))
         x = torch.stack(xs).to(rt.device, non_blocking=True)
         y = torch.stack(ys).to(rt.device, non_blocking=True)
         with speed.autocast(rt.device, precision):
             losses = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none")
-        total += losses.float().view(len(xs), -1).mean(dim=1).double().sum()
+        if chunk:
+            total += losses.float().view(len(xs), -1).mean(dim=1).double().sum()
     model.train()
     loss_sum, count = _sum_over_workers([total.item(), float(len(mine))], rt)
     return loss_sum / max(count, 1.0), int(count)

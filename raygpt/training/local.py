@@ -44,6 +44,13 @@ def run_without_ray(cfg: Config, data_dir: str, run_dir: str) -> dict[str, Any]:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    own_group = False
+    if world == 1 and cfg.run.strategy == "fsdp" and not dist.is_initialized():
+        # FSDP2 shards over a process group, here one of this process alone (the same run resumes
+        # on more workers, or fewer, from its checkpoints).
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=device if use_cuda else None)
+        own_group = True
 
     def ddp(model: torch.nn.Module) -> torch.nn.Module:
         if world == 1:
@@ -57,7 +64,7 @@ def run_without_ray(cfg: Config, data_dir: str, run_dir: str) -> dict[str, Any]:
     try:
         return train_loop(cfg, data_dir, rt)
     finally:
-        if world > 1:
+        if world > 1 or own_group:
             dist.destroy_process_group()
 
 

@@ -31,6 +31,7 @@ from raygpt.training.plan import plan_for
 from raygpt.training.reporter import Reporter
 from raygpt.training.runtime import Runtime, TrainState
 from raygpt.training.schedule import lr_at, should_clip
+from raygpt.training.sharding import any_rank, is_sharded, load_whole_state, shard_model
 from raygpt.training.step import DevicePrefetcher, step_seed, train_step
 
 
@@ -102,11 +103,14 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
 
     torch.manual_seed(t.seed)
     model = GPTModel.from_config(m).to(rt.device)  # on its device first: a fused optimizer needs that
+    sharded = cfg.run.strategy == "fsdp"
+    if sharded:  # before the optimizer: it steps the shards
+        model = shard_model(model, bf16=precision == "bf16")
     optimizer = build_optimizer(model, o)
     if rank0 and cfg.fault.crash_at_step is not None:
         rt.log(recovery.describe_fault(cfg.fault))
     state, log_rows = _restore_into(model, optimizer, cfg, manifest, rt)
-    model = wrap_for_training(model, rt, t.compile)
+    model = speed.maybe_compile(model, t.compile) if sharded else wrap_for_training(model, rt, t.compile)
 
     train_ds = WindowDataset(data_dir, "train", m.context_len, cfg.data.stride or m.context_len)
     sampler = GlobalBatchSampler(train_ds, t.batch_size, rt.rank, rt.world_size, t.seed)
@@ -137,7 +141,9 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
                                     step_label=f"step {state.step + 1} on rank {rt.rank}", mean_loss=log_step)
                 state.advance(tokens_per_step, plan.steps_per_epoch)
                 reporter.step_done(state, time.perf_counter() - t0, lr, result if log_step else None)
-                if stop.requested():
+                # fsdp: a checkpoint is written by every rank together, so every rank stops at the
+                # step where any rank saw SIGTERM (one small all-reduce per step).
+                if any_rank(stop.requested(), rt.device) if sharded else stop.requested():
                     reporter.save_before_exit(state)
                 done = state.step >= plan.total_steps
                 save = state.step % t.save_freq == 0 or done or state.step in rt.extra_save_steps
@@ -159,16 +165,24 @@ def _restore_into(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg:
         if cfg.model.init_from:  # a new run from Hugging Face weights (every rank reads the same file)
             from raygpt import hf
 
-            hf.load_into(model, cfg.model.init_from)
+            if is_sharded(model):
+                whole = GPTModel.from_config(cfg.model)
+                hf.load_into(whole, cfg.model.init_from)
+                load_whole_state(model, None, {"model": whole.state_dict()})
+            else:
+                hf.load_into(model, cfg.model.init_from)
             if rt.rank == 0:
                 rt.log(f"initialised from {cfg.model.init_from}")
         return TrainState(), []
     loaded, uri = restored
     ckpt.check_same_shape(loaded["state"]["config"]["model"], cfg.model, uri)
     ckpt.check_same_data(loaded["state"], manifest.get("fingerprint"), uri)
-    model.load_state_dict(loaded["model"])
-    optimizer.load_state_dict(loaded["optimizer"])
-    _fit_optimizer_rows(optimizer)
+    if loaded["sharded"] or is_sharded(model):  # either layout into either strategy, resharded
+        load_whole_state(model, optimizer, loaded)
+    else:
+        model.load_state_dict(loaded["model"])
+        optimizer.load_state_dict(loaded["optimizer"])
+        _fit_optimizer_rows(optimizer)
     s = loaded["state"]
     state = TrainState(s["step"], s["epoch"], s["batch_in_epoch"], s["tokens_seen"], s["elapsed"])
     log_rows: list[dict[str, Any]] = []

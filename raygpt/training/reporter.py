@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import tempfile
 import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from raygpt import checkpoint as ckpt
 from raygpt import runs, storage
@@ -23,6 +25,7 @@ from raygpt.training import perf, recovery, speed
 from raygpt.training.evaluation import EvalSets, generate_sample
 from raygpt.training.runtime import Runtime, TrainState
 from raygpt.training.schedule import lr_at
+from raygpt.training.sharding import is_sharded
 from raygpt.training.step import StepResult
 from raygpt.training.tensorboard_log import TensorBoardLog
 
@@ -35,6 +38,7 @@ class Reporter:
         self.model, self.optimizer, self.evals = model, optimizer, evals
         self.data_fingerprint, self.log_rows = data_fingerprint, log_rows
         self.rank0 = rt.rank == 0
+        self.sharded = is_sharded(model)  # fsdp: every rank writes its shards and runs every forward
         self.progress = recovery.ProgressMarker(rt.run_dir, rt.fit_id) if self.rank0 and rt.run_dir else None
         self.tensorboard = TensorBoardLog(rt.run_dir, log_rows) if self.rank0 and rt.run_dir else None
         precision = speed.resolve_precision(cfg.train.precision, rt.device)
@@ -92,8 +96,9 @@ class Reporter:
                                      f"the weights overflowed and were not saved: lower optim.peak_lr")
         if self.progress:
             self.progress.flush()
-        if self.rank0:
+        if self.rank0 or self.sharded:  # a sharded model's forwards are collectives: every rank samples
             sample = generate_sample(plain_model(self.model), t.start_context, self.rt.device, t.seed)
+        if self.rank0:
             self.rt.log(progress_line(metrics))
             self.rt.log(f"  sample: {sample!r}")
             if self.rt.run_dir:
@@ -102,7 +107,11 @@ class Reporter:
                 self.tensorboard.add(metrics)
         with contextlib.ExitStack() as stack:
             folder = name = None
-            if save and self.rank0:
+            if save and self.sharded:
+                name = self._checkpoint_name(state.step)
+                folder = self._save_shards(stack, name, self.checkpoint_state(state, metrics["elapsed"],
+                                                                               metrics["val_loss"]))
+            elif save and self.rank0:
                 folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="raygpt-ckpt-"))
                 name = runs.unique_checkpoint_name(self.rt.run_dir, state.step)
                 ckpt.save_checkpoint(folder, self.model, self.optimizer,
@@ -114,13 +123,45 @@ class Reporter:
         return {**state.checkpoint_fields(self.cfg.train.batch_size), "elapsed": elapsed, "val_loss": val_loss,
                 "config": self.cfg.to_dict(), "data_fingerprint": self.data_fingerprint}
 
+    def _checkpoint_name(self, step: int) -> str:
+        """The name of this step's checkpoint folder, the same on every rank (rank 0's choice)."""
+        choice = [runs.unique_checkpoint_name(self.rt.run_dir, step) if self.rank0 else None]
+        if self.rt.world_size > 1 and dist.is_initialized():
+            dist.broadcast_object_list(choice, src=0)
+        return choice[0]
+
+    def _save_shards(self, stack: contextlib.ExitStack, name: str, state: dict[str, Any]) -> str | None:
+        """fsdp, on every rank together: write this rank's shards and store them in the run folder;
+        once every rank has, rank 0 stores the index, and returns a folder holding state.json alone
+        for the report to store last (the other ranks return None). A checkpoint is complete, or
+        has no state.json."""
+        shards = stack.enter_context(tempfile.TemporaryDirectory(prefix="raygpt-shards-"))
+        ckpt.save_sharded(shards, plain_model(self.model), self.optimizer)
+        target = storage.join(self.rt.run_dir, name)
+        storage.upload_files(shards, target, [n for n in os.listdir(shards) if n != ckpt.SHARDED_INDEX])
+        if dist.is_initialized():
+            dist.barrier()
+        if not self.rank0:
+            return None
+        storage.upload_files(shards, target, [ckpt.SHARDED_INDEX])
+        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="raygpt-ckpt-"))
+        ckpt.write_state(folder, state)
+        return folder
+
     def save_before_exit(self, state: TrainState) -> None:
-        """SIGTERM: this rank writes the checkpoint itself (DDP replicas hold the same model and
-        optimizer state), straight into the run folder, then leaves; the restart resumes here."""
-        name = runs.unique_checkpoint_name(self.rt.run_dir, state.step)
-        with tempfile.TemporaryDirectory(prefix="raygpt-ckpt-") as folder:
-            ckpt.save_checkpoint(folder, self.model, self.optimizer, self.checkpoint_state(state, self.elapsed(), None))
-            if self.rt.run_dir:
+        """SIGTERM: the checkpoint straight into the run folder, then leave; the restart resumes
+        here. ddp: this rank writes it alone (the replicas hold the same model and optimizer
+        state); fsdp: every rank stopped at this step (`any_rank`) and writes its shards."""
+        name = self._checkpoint_name(state.step) if self.sharded else runs.unique_checkpoint_name(self.rt.run_dir,
+                                                                                                   state.step)
+        with contextlib.ExitStack() as stack:
+            if self.sharded:
+                folder = self._save_shards(stack, name, self.checkpoint_state(state, self.elapsed(), None))
+            else:
+                folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="raygpt-ckpt-"))
+                ckpt.save_checkpoint(folder, self.model, self.optimizer,
+                                     self.checkpoint_state(state, self.elapsed(), None))
+            if self.rt.run_dir and folder:
                 storage.upload(folder, storage.join(self.rt.run_dir, name))
         self.rt.log(f"SIGTERM on rank {self.rt.rank}: saved {name} at step {state.step} before exiting")
         raise recovery.Preempted(f"rank {self.rt.rank} stopped by SIGTERM after saving {name}")
@@ -135,7 +176,8 @@ class Reporter:
 def plain_model(model: torch.nn.Module) -> torch.nn.Module:
     """The model without the training wrappers, compile(DDP(model)) or either alone: evaluation and
     samples run on it eagerly (DDP around an evaluation would sync buffers in every forward, and
-    ranks evaluate different numbers of batches)."""
+    ranks evaluate different numbers of batches). An FSDP2 model is its own plain model (its
+    shards are its weights)."""
     model = getattr(model, "_orig_mod", model)
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 

@@ -2,14 +2,14 @@
 
 `train_step` is everything between two batches: the lr for this step, the per-step seed (dropout
 draws from (seed, epoch, step, rank) alone, so a resumed run draws what an uninterrupted one
-would), micro-batches with DDP's `no_sync` on all but the last, autocast, backward, clipping
-(or only measuring the norm), a non-finite check before anything is applied, the AdamW step.
+would), micro-batches reducing gradients only on the last (DDP's `no_sync`, FSDP2's
+switch), autocast, backward, clipping (or only measuring the norm), a non-finite check before
+anything is applied, the AdamW step.
 Plain PyTorch: no Ray, no config object, no data set.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from raygpt.errors import TrainingFailed
 from raygpt.training import speed
 from raygpt.training.schedule import clip_gradients, gradient_norm
+from raygpt.training.sharding import full_value, gradient_sync
 
 
 def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
@@ -98,15 +99,14 @@ def train_step(
     for micro in range(grad_accum_steps):
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        last = micro == grad_accum_steps - 1
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
+        with gradient_sync(model, enabled=micro == grad_accum_steps - 1):
             with speed.autocast(device, precision):
                 loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
             (loss / grad_accum_steps).backward()
         if loss_sum is not None:
             loss_sum += loss.detach()
     norm = clip_gradients(model.parameters(), max_norm) if max_norm is not None else gradient_norm(model.parameters())
+    norm = full_value(norm)  # sharded gradients (fsdp): the norm over every shard
     # With DDP the gradients are all-reduced, so every rank sees the same norm and stops together.
     # One host sync per step (a device-side flag would let the bad step be applied first); the
     # next micro-batch is read while the device finishes.
