@@ -66,7 +66,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=2, help="interleaved rounds (default 2)")
     p.add_argument("--data", default="data/stdlib", help="prepared data (default data/stdlib, prepared if missing)")
     p.add_argument("--address", help="Ray cluster for rows b and c (default: each starts a local Ray)")
-    p.add_argument("--rows", default="0abcd", help="which rows to run (default 0abcd; 0 is the bare PyTorch loop)")
+    p.add_argument("--rows", default="0abcd", help="which rows to run (default 0abcd; 0 is the bare PyTorch loop; "
+                   "e and f are c and d under run.strategy=fsdp)")
     p.set_defaults(func=_run_bench_train)
     what = p.add_subparsers(dest="what")
     bp = what.add_parser("prepare", help="prepare's tokens/s vs a single-threaded encode loop")
@@ -84,8 +85,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _run_bench_train(args: argparse.Namespace) -> None:
     from raygpt.bench.train import bench_train
 
-    if not args.rows or set(args.rows) - set("0abcd"):
-        raise UserError(f"--rows takes characters of 0abcd, got {args.rows!r}")
+    if not args.rows or set(args.rows) - set("0abcdef"):
+        raise UserError(f"--rows takes characters of 0abcdef, got {args.rows!r}")
     bench_train(args.preset, args.device, args.precision, args.compile, args.steps, args.repeats, args.data,
                 args.address, args.rows)
 

@@ -43,6 +43,11 @@ def test_rows_are_the_commands_a_user_types(tmp_path):
     d, env = row_command("d", "c.yaml", "d0", 2, None)
     assert d[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     assert "--no-ray" in d and env["OMP_NUM_THREADS"] == "1"
+    e, _ = row_command("e", "c.yaml", "e0", 2, None)
+    f, _ = row_command("f", "c.yaml", "f0", 2, None)
+    assert "run.strategy=fsdp" in e and "run.num_workers=2" in e and "--no-ray" not in e
+    assert "run.strategy=fsdp" in f and f[1:3] == ["-m", "torch.distributed.run"] and "--no-ray" in f
+    assert "run.strategy=fsdp" not in c + d
     for preset in ("tiny", "small", "gpt2-small"):
         config_from_dict(bench_config(preset, 40, "cpu", "fp32", False, str(tmp_path), str(tmp_path)))
 

@@ -178,3 +178,11 @@ def test_a_ddp_checkpoint_resumes_under_fsdp_and_an_fsdp_one_under_ddp(data_dir,
     model, _ = load_model(str(tmp_path / "ddp-fsdp"))
     reference = model_at(tmp_path / "ddp-fsdp", 12)
     assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
+    transformers = pytest.importorskip("transformers", reason="the hf extra: pip install 'raygpt[hf]'")
+    from raygpt.hf import export_checkpoint
+
+    export_checkpoint(str(tmp_path / "ddp-fsdp"), str(tmp_path / "hf"))
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    ids = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model.eval()(ids) - theirs(ids).logits).abs().max() < 1e-4

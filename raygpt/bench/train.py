@@ -5,6 +5,9 @@
   b  raygpt, 1 Ray Train worker:  raygpt train                   1 worker x all threads
   c  raygpt, 2 Ray Train workers: raygpt train                   2 workers x half the threads each
   d  torchrun over the plain loop: torchrun --nproc_per_node 2 raygpt train --no-ray   2 x half
+  e  row c with run.strategy=fsdp (FSDP2: weights, gradients, AdamW state sharded over the 2)
+  f  row d with run.strategy=fsdp
+(`--rows 0abcd` by default; `--rows cedf` compares the strategies, peak memory per worker included)
 
 Each row is the command a user would type (Ray rows start their own local Ray unless --address is
 given), so start-up time (launch to the first step) is what a user waits. Throughput leaves out
@@ -40,11 +43,13 @@ ROWS = {
     "b": "raygpt, 1 Ray worker",
     "c": "raygpt, 2 Ray workers",
     "d": "torchrun, 2 processes",
+    "e": "raygpt, 2 Ray workers, fsdp",
+    "f": "torchrun, 2 processes, fsdp",
 }
 
 # What each ratio says: raygpt's loop against PyTorch, Ray against raygpt's loop, Ray's DDP
-# against torchrun's.
-RATIOS = {"a/0": ("a", "0"), "b/a": ("b", "a"), "c/d": ("c", "d")}
+# against torchrun's, fsdp against ddp.
+RATIOS = {"a/0": ("a", "0"), "b/a": ("b", "a"), "c/d": ("c", "d"), "e/c": ("e", "c"), "f/d": ("f", "d")}
 
 
 def bench_config(preset: str, steps: int, device: str, precision: str, compile_model: bool,
@@ -80,13 +85,14 @@ def row_command(row: str, config: str, name: str, threads: int, address: str | N
         return [sys.executable, "-m", "raygpt.bench.bare", config, name, str(threads)], env
     if row == "a":
         return raygpt + ["--no-ray", "--set", f"run.cpus_per_worker={threads}"], env
-    if row in ("b", "c"):
+    strategy = ["--set", "run.strategy=fsdp"] if row in ("e", "f") else []
+    if row in ("b", "c", "e"):
         workers, per = (1, threads) if row == "b" else (2, half)
-        cmd = raygpt + ["--set", f"run.num_workers={workers}", "--set", f"run.cpus_per_worker={per}"]
+        cmd = raygpt + strategy + ["--set", f"run.num_workers={workers}", "--set", f"run.cpus_per_worker={per}"]
         return cmd + (["--address", address] if address else []), env
     env["OMP_NUM_THREADS"] = str(half)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "raygpt"]
-    return torchrun + raygpt[3:] + ["--no-ray", "--set", f"run.cpus_per_worker={half}"], env
+    return torchrun + raygpt[3:] + strategy + ["--no-ray", "--set", f"run.cpus_per_worker={half}"], env
 
 
 def measure(rows: list[dict[str, Any]], launched: float) -> dict[str, float]:
@@ -132,7 +138,7 @@ def bench_train(preset: str = "tiny", device: str = "cpu", precision: str = "fp3
         if not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device on this machine")
         if torch.cuda.device_count() < 2:
-            rows = rows.replace("c", "").replace("d", "")  # two workers need two GPUs
+            rows = "".join(r for r in rows if r not in "cdef")  # two workers need two GPUs
     threads = usable_threads()
     from raygpt.data.remote import prepare_to
     from raygpt.data.shards import has_manifest

@@ -27,6 +27,7 @@ from raygpt.data.windows import WindowDataset
 from raygpt.model import GPTModel, fit_rows
 from raygpt.training import recovery, speed
 from raygpt.training.evaluation import EvalSets
+from raygpt.training.memory import check_device_memory
 from raygpt.training.plan import plan_for
 from raygpt.training.reporter import Reporter
 from raygpt.training.runtime import Runtime, TrainState
@@ -101,6 +102,8 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
     precision = speed.resolve_precision(t.precision, rt.device)
     speed.set_tf32(rt.device, t.tf32)
 
+    # Each worker's GPU, before anything is put on it: refused in one line past its free memory.
+    check_device_memory(cfg, rt.device, rt.log if rank0 else lambda line: None)
     torch.manual_seed(t.seed)
     model = GPTModel.from_config(m).to(rt.device)  # on its device first: a fused optimizer needs that
     sharded = cfg.run.strategy == "fsdp"
