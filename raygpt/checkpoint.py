@@ -17,6 +17,7 @@ whole (`load_checkpoint`) and handed out again (`raygpt.training.sharding`). Run
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -56,11 +57,36 @@ def unwrapped_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     state: dict[str, Any]) -> None:
+    save_snapshot(folder, {"model": unwrapped_state_dict(model),
+                           "optimizer": optimizer.state_dict() if optimizer is not None else None}, state)
+
+
+def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The model's and optimizer's state copied to host memory, so training can go on while it is
+    written (`save_snapshot`). Tensors that share storage (a tied head) stay shared in the copy."""
+    copies: dict[tuple[int, int], torch.Tensor] = {}
+
+    def host(value: Any) -> Any:
+        if not torch.is_tensor(value):
+            return value
+        key = (value.untyped_storage().data_ptr(), value.storage_offset())
+        if key not in copies:
+            copies[key] = value.detach().to("cpu", copy=True)
+        return copies[key]
+
+    optimizer_state = optimizer.state_dict()
+    return {"model": {k: host(v) for k, v in unwrapped_state_dict(model).items()},
+            "optimizer": {"state": {i: {k: host(v) for k, v in s.items()} for i, s in optimizer_state["state"].items()},
+                          "param_groups": copy.deepcopy(optimizer_state["param_groups"])}}
+
+
+def save_snapshot(folder: str | Path, state_dicts: dict[str, Any], state: dict[str, Any]) -> None:
+    """A whole checkpoint from state dicts ({"model", "optimizer" or None}) into a local folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(unwrapped_state_dict(model), folder / "model.pt")
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save(state_dicts["model"], folder / "model.pt")
+    if state_dicts.get("optimizer") is not None:
+        torch.save(state_dicts["optimizer"], folder / "optimizer.pt")
     write_state(folder, state)  # last: a folder with it is complete
 
 
@@ -79,6 +105,19 @@ def save_sharded(folder: str | Path, model: torch.nn.Module, optimizer: torch.op
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
+
+
+def save_sharded_async(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       group: Any) -> Any:
+    """`save_sharded` that returns once this rank's shards are copied to host memory: DCP writes
+    them on a thread, planning over `group` (a gloo group of its own: the training group's
+    collectives carry on meanwhile). Returns the future of the write."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return dcp.async_save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder),
+                          process_group=group)
 
 
 def _load_sharded(folder: Path, with_optimizer: bool) -> dict[str, Any]:

@@ -116,6 +116,10 @@ class RunConfig:
     # ddp: every worker holds the whole model, its gradients and AdamW state; fsdp: FSDP2 shards
     # all three over the workers (each transformer block and the root), for models that do not fit.
     strategy: str = "ddp"
+    # Checkpoints written and stored on a background thread: the loop blocks only while the state
+    # is copied to host memory (raygpt.training.saver). Off in search trials (ASHA may stop a trial
+    # right after the report that saved).
+    async_save: bool = False
 
 
 @dataclass

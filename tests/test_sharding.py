@@ -150,6 +150,12 @@ def test_fsdp_resumes_exactly_on_the_same_workers_and_within_1e5_on_others(data_
     run(2, overrides, data_dir, tmp_path / "same")
     assert max_difference(model_at(tmp_path / "whole", 12), model_at(tmp_path / "same", 12)) == 0.0
 
+    # Saved in the background (DCP's async_save, the shards stored by a thread of each rank): the same run.
+    run(2, overrides + ["run.async_save=true", "run.num_to_keep=5"], data_dir, tmp_path / "async")
+    assert max_difference(model_at(tmp_path / "whole", 12), model_at(tmp_path / "async", 12)) == 0.0
+    assert sorted(p.name for p in (tmp_path / "async" / "checkpoint_0000008").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "state.json"]
+
     run(2, overrides + sigterm + ["fault.crash_at_step=3"], data_dir, tmp_path / "moved")
     run(1, overrides + ["fault.kind=sigterm", "fault.rank=0", "fault.crash_at_step=7"], data_dir, tmp_path / "moved")
     assert (tmp_path / "moved" / "checkpoint_0000008" / "__0_0.distcp").exists()

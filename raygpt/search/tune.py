@@ -160,6 +160,9 @@ def tune_trial(params: dict[str, Any]) -> None:
     cfg = trial.config
     run = RunPaths(experiment_dir, f"train-{ray.tune.get_context().get_trial_id()}")
     cfg.run.name = run.name
+    # A checkpoint is on storage before ASHA sees the report that saved it (ASHA may stop the
+    # trial at that report): no background saves in a trial.
+    cfg.run.async_save = False
     if not storage.exists(storage.join(run.uri, CONFIG_FILE)):
         storage.write_text(storage.join(run.uri, CONFIG_FILE), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     save_steps = trial_save_steps(trial, settings, saved["launch"]["max_t"])

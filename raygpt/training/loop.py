@@ -153,6 +153,7 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
                 if save or state.step % t.eval_freq == 0:
                     metrics = reporter.evaluate_and_log(state, save, final=done)
                 recovery.maybe_inject_fault(cfg.fault, state.step, rt.rank, rt.run_dir, rt.log)
+        reporter.finish()  # run.async_save: the last checkpoint stored before the run counts as done
     finally:
         stop.close()
         reporter.close()

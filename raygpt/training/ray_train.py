@@ -21,6 +21,7 @@ from raygpt.runs import (
     METRICS_FILE,
     Lease,
     RunPaths,
+    best_checkpoint,
     new_run_name,
     newest_complete,
     newest_readable,
@@ -188,16 +189,18 @@ def _fit(cfg: Config, paths: RunPaths, plan: StepPlan, data_dir: str, address: s
 
     plot = write_plot(cfg, plan, paths.uri)
     latest = newest_complete(paths.uri)
-    best = result.get_best_checkpoint("val_loss", "min") if result.best_checkpoints else None
+    # run.async_save's checkpoints are not registered with Ray: the best from their state.json.
+    best = (result.get_best_checkpoint("val_loss", "min").path if result.best_checkpoints
+            else best_checkpoint(paths.uri)[0])
     log(f"done: {metrics.get('step')} steps, val loss {metrics.get('val_loss', float('nan')):.3f}, "
         f"{metrics.get('tokens_seen', 0):,} tokens")
-    log(f"  checkpoints: {paths.uri} (latest {latest}; best {best.path if best else None})")
+    log(f"  checkpoints: {paths.uri} (latest {latest}; best {best})")
     for event in read_events(paths.uri):
         log(f"  {describe_event(event)}")
     log(f"  metrics: {storage.join(paths.uri, METRICS_FILE)}")
     log(f"  plot: {plot}")
     return {"run_dir": paths.uri, "name": paths.name, "metrics": metrics, "latest_checkpoint": latest,
-            "best_checkpoint": best.path if best else None, "plot": plot}
+            "best_checkpoint": best, "plot": plot}
 
 
 def _last_line(exc: BaseException) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import tempfile
 import time
 from typing import Any
@@ -24,6 +25,7 @@ from raygpt.errors import TrainingFailed
 from raygpt.training import perf, recovery, speed
 from raygpt.training.evaluation import EvalSets, generate_sample
 from raygpt.training.runtime import Runtime, TrainState
+from raygpt.training.saver import BackgroundSave
 from raygpt.training.schedule import lr_at
 from raygpt.training.sharding import is_sharded
 from raygpt.training.step import StepResult
@@ -39,6 +41,11 @@ class Reporter:
         self.data_fingerprint, self.log_rows = data_fingerprint, log_rows
         self.rank0 = rt.rank == 0
         self.sharded = is_sharded(model)  # fsdp: every rank writes its shards and runs every forward
+        self.async_save = cfg.run.async_save and rt.run_dir is not None
+        self.background = BackgroundSave()
+        # fsdp's background writes plan over a gloo group of their own (created by every rank here).
+        self.save_group = (dist.new_group(backend="gloo") if self.async_save and self.sharded and dist.is_initialized()
+                           else None)
         self.progress = recovery.ProgressMarker(rt.run_dir, rt.fit_id) if self.rank0 and rt.run_dir else None
         self.tensorboard = TensorBoardLog(rt.run_dir, log_rows) if self.rank0 and rt.run_dir else None
         precision = speed.resolve_precision(cfg.train.precision, rt.device)
@@ -107,7 +114,9 @@ class Reporter:
                 self.tensorboard.add(metrics)
         with contextlib.ExitStack() as stack:
             folder = name = None
-            if save and self.sharded:
+            if save and self.async_save:
+                self._save_in_background(state, metrics)
+            elif save and self.sharded:
                 name = self._checkpoint_name(state.step)
                 folder = self._save_shards(stack, name, self.checkpoint_state(state, metrics["elapsed"],
                                                                                metrics["val_loss"]))
@@ -148,12 +157,54 @@ class Reporter:
         ckpt.write_state(folder, state)
         return folder
 
+    def _save_in_background(self, state: TrainState, metrics: dict[str, Any]) -> None:
+        """run.async_save: wait for the save in flight, copy the state to host memory (fsdp: each
+        rank its shards), and leave writing and storing it to a background thread."""
+        self.background.wait()
+        name = self._checkpoint_name(state.step)
+        fields = self.checkpoint_state(state, metrics["elapsed"], metrics["val_loss"])
+        target, run_dir, keep = storage.join(self.rt.run_dir, name), self.rt.run_dir, self.cfg.run.num_to_keep
+        if self.sharded:
+            shards = tempfile.mkdtemp(prefix="raygpt-shards-")
+            written = ckpt.save_sharded_async(shards, plain_model(self.model), self.optimizer, self.save_group)
+            rank0, group = self.rank0, self.save_group
+
+            def work() -> None:
+                try:
+                    written.result()
+                    storage.upload_files(shards, target, [n for n in os.listdir(shards) if n != ckpt.SHARDED_INDEX])
+                    dist.barrier(group=group)  # every rank's shards are stored
+                    if rank0:
+                        storage.upload_files(shards, target, [ckpt.SHARDED_INDEX])
+                        with tempfile.TemporaryDirectory(prefix="raygpt-ckpt-") as folder:
+                            ckpt.write_state(folder, fields)
+                            storage.upload_files(folder, target)
+                        runs.prune_checkpoints(run_dir, keep)
+                finally:
+                    shutil.rmtree(shards, ignore_errors=True)
+        elif self.rank0:
+            copied = ckpt.snapshot(plain_model(self.model), self.optimizer)
+
+            def work() -> None:
+                with tempfile.TemporaryDirectory(prefix="raygpt-ckpt-") as folder:
+                    ckpt.save_snapshot(folder, copied, fields)
+                    storage.upload(folder, target)
+                runs.prune_checkpoints(run_dir, keep)
+        else:
+            return
+        self.background.start(name, work)
+
+    def finish(self) -> None:
+        """The end of the run: the save in flight stored (its error raised)."""
+        self.background.wait()
+
     def save_before_exit(self, state: TrainState) -> None:
         """SIGTERM: the checkpoint straight into the run folder, then leave; the restart resumes
         here. ddp: this rank writes it alone (the replicas hold the same model and optimizer
         state); fsdp: every rank stopped at this step (`any_rank`) and writes its shards."""
         name = self._checkpoint_name(state.step) if self.sharded else runs.unique_checkpoint_name(self.rt.run_dir,
                                                                                                    state.step)
+        self.background.wait()
         with contextlib.ExitStack() as stack:
             if self.sharded:
                 folder = self._save_shards(stack, name, self.checkpoint_state(state, self.elapsed(), None))
@@ -167,6 +218,11 @@ class Reporter:
         raise recovery.Preempted(f"rank {self.rt.rank} stopped by SIGTERM after saving {name}")
 
     def close(self) -> None:
+        if self.background.in_flight():  # the run failed: still let the last save complete
+            try:
+                self.background.wait()
+            except Exception as exc:
+                self.rt.log(f"warning: {exc}")
         if self.progress:
             self.progress.close()
         if self.tensorboard:
