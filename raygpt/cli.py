@@ -74,6 +74,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     bp.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each side (default 2)")
     bp.add_argument("--threads", type=int, default=None, help="tokenizer threads (default: all cores)")
     bp.set_defaults(func=_run_bench_prepare)
+    bc = what.add_parser("checkpoint", help="how long the loop is blocked per save: sync vs run.async_save")
+    bc.add_argument("--preset", default="gpt2-small", help="the model whose checkpoint is saved (default gpt2-small)")
+    bc.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
+    bc.add_argument("--s3", default="moto", help="an S3 URI to save to as well, 'moto' (an S3 API on loopback, "
+                    "the default) or 'none'")
+    bc.set_defaults(func=_run_bench_checkpoint)
     bt = what.add_parser("tune", help="the same 16-configuration grid with and without ASHA")
     bt.add_argument("--address", help="Ray cluster to join (default: start a local Ray)")
     bt.add_argument("--data", default="data/stdlib", help="prepared data (default data/stdlib, prepared if missing)")
@@ -89,6 +95,14 @@ def _run_bench_train(args: argparse.Namespace) -> None:
         raise UserError(f"--rows takes characters of 0abcdef, got {args.rows!r}")
     bench_train(args.preset, args.device, args.precision, args.compile, args.steps, args.repeats, args.data,
                 args.address, args.rows)
+
+
+def _run_bench_checkpoint(args: argparse.Namespace) -> None:
+    from raygpt.bench.checkpoint import bench_checkpoint
+
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+    bench_checkpoint(args.preset, args.repeats, args.s3)
 
 
 def _run_bench_prepare(args: argparse.Namespace) -> None:

@@ -15,6 +15,7 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py
 
+from raygpt.bench.checkpoint import TEST_CREDENTIALS, start_moto_server  # noqa: E402
 from raygpt.cli import main  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -134,8 +135,7 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.get_closest_marker("own_ray") is not None)  # stable: order kept otherwise
 
 
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-          "AWS_EC2_METADATA_DISABLED": "true"}
+S3_ENV = TEST_CREDENTIALS
 
 
 @pytest.fixture(scope="session")
@@ -149,20 +149,8 @@ def s3_server():
     except ImportError:
         yield None
         return
-    port = _free_port()
-    log = open(Path(tempfile.mkdtemp(prefix="raygpt-moto-")) / "moto.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"moto's S3 server did not start: {Path(log.name).read_text()[-2000:]}")
-            time.sleep(0.2)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", **S3_ENV}
+    proc, endpoint = start_moto_server(Path(tempfile.mkdtemp(prefix="raygpt-moto-")) / "moto.log")
+    env = {"AWS_ENDPOINT_URL": endpoint, **S3_ENV}
     before = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -175,7 +163,6 @@ def s3_server():
                 os.environ[k] = v
         proc.terminate()
         proc.wait(timeout=30)
-        log.close()
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import make_corpus
 
 from raygpt.bench.train import bench_config, measure, row_command
@@ -140,3 +141,28 @@ def test_the_gpu_check_script_stops_and_says_so_when_a_part_fails(tmp_path):
                             cwd=script.parent.parent.parent)
     assert failed.returncode != 0 and "gpu_check.sh check: failed" in failed.stderr
     assert "no CUDA device here" in (tmp_path / "gpu_check.txt").read_text()
+
+
+def test_the_checkpoint_bench_times_both_modes_and_stores_whole_checkpoints(tmp_path, capsys):
+    from raygpt.bench.checkpoint import bench_checkpoint
+    from raygpt.errors import UserError
+
+    out = bench_checkpoint("tiny", repeats=1, s3="none", local_dir=str(tmp_path))
+    row = out["local disk"]
+    assert row["sync"] > 0 and 0 < row["async_blocked"] and row["async_background"] > 0
+    assert "blocked ratio" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())  # its scratch folder is gone
+    with pytest.raises(UserError, match="--preset must be one of"):
+        bench_checkpoint("huge", repeats=1, s3="none")
+
+
+def test_a_background_save_stores_the_same_checkpoint_as_a_sync_one(tmp_path):
+    from raygpt.bench.checkpoint import model_with_optimizer_state, save_async, save_sync
+    from raygpt.checkpoint import load_checkpoint
+
+    model, optimizer = model_with_optimizer_state("tiny")
+    save_sync(model, optimizer, str(tmp_path / "sync"))
+    save_async(model, optimizer, str(tmp_path / "async"))
+    a, b = load_checkpoint(tmp_path / "sync"), load_checkpoint(tmp_path / "async")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert (tmp_path / "sync" / "optimizer.pt").stat().st_size == (tmp_path / "async" / "optimizer.pt").stat().st_size
