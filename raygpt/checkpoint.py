@@ -8,7 +8,8 @@ written last. The weights come in one of two layouts:
   loaded with `torch.load(weights_only=True)` (no arbitrary unpickling);
 - sharded (run.strategy fsdp): torch.distributed.checkpoint (DCP) files, one `__<rank>_0.distcp`
   per worker holding its shards of the model and optimizer, and the `.metadata` index of where
-  each slice of each tensor lives (no pickled code is loaded: DCP reads tensors by index).
+  each slice of each tensor lives. DCP writes that index as a pickle and reads it unrestricted;
+  raygpt reads it allowing only DCP's own classes, so a crafted index runs nothing.
 
 Either layout loads into either strategy at any worker count: a sharded checkpoint is read back
 whole (`load_checkpoint`) and handed out again (`raygpt.training.sharding`). Runs live in
@@ -120,17 +121,62 @@ def save_sharded_async(folder: str | Path, model: torch.nn.Module, optimizer: to
                           process_group=group)
 
 
+# What a DCP index may hold (it is a pickle): anything else is refused before it is built, so an
+# index crafted to run code on load runs nothing.
+_INDEX_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+     ("collections", "OrderedDict")}
+
+
+def _read_index(stream: Any, where: str) -> Any:
+    """A DCP `.metadata` unpickled with only DCP's own classes, torch dtypes and sizes allowed."""
+    import pickle
+
+    class IndexUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if (module, name) in _INDEX_CLASSES or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                     torch.dtype)):
+                return super().find_class(module, name)
+            raise UserError(f"checkpoint {where} is damaged: its {SHARDED_INDEX} holds {module}.{name}, "
+                            "which is not part of a checkpoint index (nothing of it was run)")
+
+    return IndexUnpickler(stream).load()
+
+
+def _safe_reader(folder: Path) -> Any:
+    """torch.distributed.checkpoint's FileSystemReader, but its index read by `_read_index`
+    (DCP itself unpickles it with no restriction)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class IndexCheckingReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            with open(folder / SHARDED_INDEX, "rb") as stream:
+                metadata = _read_index(stream, str(folder))
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return IndexCheckingReader(str(folder))
+
+
 def _load_sharded(folder: Path, with_optimizer: bool) -> dict[str, Any]:
     """A sharded checkpoint read back whole, on the CPU of this process alone (no collective):
     {"model": {name: tensor}, "optimizer": {"state": {name: ...}, "param_groups": [...]}} (the
     optimizer keyed by parameter name, as torch.distributed.checkpoint.state_dict writes it)."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+    with open(folder / SHARDED_INDEX, "rb") as stream:  # checked here: DCP would wrap the error in its own
+        _read_index(stream, str(folder))
     out: dict[str, Any] = {}
     keys = {"model", "optimizer"} if with_optimizer else {"model"}
-    _load_state_dict(out, storage_reader=FileSystemReader(str(folder)), planner=_EmptyStateDictLoadPlanner(keys=keys),
+    _load_state_dict(out, storage_reader=_safe_reader(folder), planner=_EmptyStateDictLoadPlanner(keys=keys),
                      no_dist=True)
     return out
 
@@ -175,6 +221,8 @@ def load_checkpoint(folder: str | Path, with_optimizer: bool = True) -> dict[str
     if out["sharded"]:
         try:
             out.update(_load_sharded(folder, with_optimizer))
+        except UserError:
+            raise
         except Exception as exc:  # a missing or truncated shard, a foreign index
             raise UserError(f"checkpoint {folder} is damaged: its shards do not load ({type(exc).__name__}: "
                             f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})") from None

@@ -130,3 +130,53 @@ def kill_upload(src: Path, dest: str, delay: float) -> None:
     time.sleep(delay)
     proc.kill()
     proc.wait()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, overrides, data_dir, run_dir):
+    """One rank of a torchrun-like run without Ray (torch.multiprocessing.spawn calls this)."""
+    import os
+
+    import torch
+
+    from raygpt.training.local import run_without_ray
+    from raygpt.training.recovery import Preempted
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        run_without_ray(load_config(None, overrides), data_dir, run_dir)
+    except Preempted:
+        pass  # a SIGTERM leg: saved, and left as a preempted worker does
+    except RuntimeError as exc:
+        # ddp: a SIGTERM stops only the worker that got it; its peer loses the connection (under
+        # Ray Train the worker group is stopped as a whole).
+        stopping = any(o.startswith("fault.kind=sigterm") for o in overrides)
+        if "Connection closed by peer" not in str(exc) or not stopping:
+            raise
+
+
+def run_workers(workers: int, overrides: list[str], data_dir, run_dir) -> None:
+    """A run of `workers` processes without Ray, as torchrun starts them (gloo); 1: this process,
+    with a process group of its own."""
+    import os
+
+    import torch
+
+    overrides = overrides + [f"run.num_workers={workers}"]
+    if workers == 1:
+        os.environ.pop("WORLD_SIZE", None)
+        _rank_main(0, 1, free_port(), overrides, str(data_dir), str(run_dir))
+    else:
+        torch.multiprocessing.spawn(_rank_main, args=(workers, free_port(), overrides, str(data_dir), str(run_dir)),
+                                    nprocs=workers)
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)

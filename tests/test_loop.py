@@ -1,14 +1,12 @@
 """The loop without Ray (one process): planning, accumulation, reproducibility, resume."""
 
 import json
-import os
 import shutil
-import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_corpus, make_prose_corpus, tiny_config, tiny_overrides
+from helpers import make_corpus, make_prose_corpus, run_workers, tiny_config, tiny_overrides
 
 from raygpt.config import load_config
 from raygpt.data.windows import WindowDataset
@@ -204,27 +202,12 @@ def test_final_val_loss_is_the_whole_split_loss_and_first_batches_are_not(prose_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank, world, port, overrides, data_dir, run_dir):
-    """One rank of a torchrun-like DDP run without Ray (torch.multiprocessing.spawn calls this)."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    run_without_ray(load_config(None, overrides), data_dir, run_dir)
-
-
 def test_spread_eval_is_the_same_on_one_and_two_workers(prose_dir, tmp_path):
     overrides = tiny_overrides(prose_dir, tmp_path) + [
         "train.max_steps=4", "train.eval_freq=2", "train.save_freq=4", "train.eval_tokens=1000",
         "train.final_eval_tokens=3000"]
     run(load_config(None, overrides), prose_dir, tmp_path / "one")
-    torch.multiprocessing.spawn(_rank_main, args=(2, _free_port(), overrides, str(prose_dir), str(tmp_path / "two")),
-                                nprocs=2)
+    run_workers(2, overrides, prose_dir, tmp_path / "two")
     one, two = read_metrics(str(tmp_path / "one")), read_metrics(str(tmp_path / "two"))
     assert [r["step"] for r in one] == [r["step"] for r in two] == [0, 2, 4]
     for a, b in zip(one, two):

@@ -2,21 +2,17 @@
 strategies. Multi-worker runs are torchrun-like processes (torch.multiprocessing, gloo) without Ray;
 the Ray path is in test_ray_train.py."""
 
-import os
-import socket
 
 import pytest
 import torch
-from helpers import make_corpus, make_prose_corpus, tiny_overrides
+from helpers import make_corpus, make_prose_corpus, run_workers, tiny_overrides
 
 from raygpt.checkpoint import load_checkpoint
 from raygpt.config import OptimConfig, load_config
 from raygpt.errors import UserError
 from raygpt.model import GPTModel
 from raygpt.runs import read_metrics
-from raygpt.training.local import run_without_ray
 from raygpt.training.loop import build_optimizer
-from raygpt.training.recovery import Preempted
 from raygpt.training.sharding import optimizer_state_by_name
 
 # ----------------------------------------------------------------------------- pure parts
@@ -57,40 +53,8 @@ def prose_dir(tmp_path_factory):
     return make_prose_corpus(tmp_path_factory.mktemp("prose"))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank, world, port, overrides, data_dir, run_dir):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    try:
-        run_without_ray(load_config(None, overrides), data_dir, run_dir)
-    except Preempted:
-        pass  # a SIGTERM leg: saved, and left as a preempted worker does
-    except RuntimeError as exc:
-        # ddp: a SIGTERM stops only the worker that got it; its peer loses the connection (under
-        # Ray Train the worker group is stopped as a whole).
-        stopping = any(o.startswith("fault.kind=sigterm") for o in overrides)
-        if "Connection closed by peer" not in str(exc) or not stopping:
-            raise
-
-
 def run(workers, overrides, data_dir, run_dir):
-    """A run of `workers` processes (1: this process, with a process group of its own)."""
-    overrides = overrides + [f"run.num_workers={workers}"]
-    if workers == 1:
-        os.environ.pop("WORLD_SIZE", None)
-        _rank_main(0, 1, _free_port(), overrides, str(data_dir), str(run_dir))
-    else:
-        torch.multiprocessing.spawn(_rank_main, args=(workers, _free_port(), overrides, str(data_dir), str(run_dir)),
-                                    nprocs=workers)
-    os.environ.pop("WORLD_SIZE", None)
-    for key in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(key, None)
+    run_workers(workers, overrides, data_dir, run_dir)
 
 
 def model_at(run_dir, step):
