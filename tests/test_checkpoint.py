@@ -34,7 +34,6 @@ def _sharded_checkpoint(folder):
 
     torch.manual_seed(0)
     model = GPTModel(embedding_dim=16, num_layers=1, num_heads=2, context_len=8, vocabulary_size=50)
-    optimizer = torch.optim.AdamW(model.parameters())
     dcp.save({"model": model.state_dict(), "optimizer": {"state": {}, "param_groups": []}}, checkpoint_id=str(folder))
     write_state(folder, {"config": {"model": {}}})
     return model
