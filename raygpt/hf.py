@@ -14,6 +14,9 @@ result); no download ever happens here.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -173,18 +176,52 @@ def write_tokenizer(out: Path, model_max_length: int) -> None:
 # ----------------------------------------------------------------------------- export / import
 
 
-def export(model: GPTModel, out: str | Path) -> Path:
-    """Write `model` as a Hugging Face GPT-2 folder at `out` (created; files there replaced)."""
-    st = _safetensors()
+# Every file an export writes: the only files it replaces in an --out folder, and only in one that
+# holds its marker (an earlier export), never in a user's folder of files of the same names.
+EXPORT_MARKER = ".raygpt-export"
+EXPORT_FILES = (WEIGHTS, CONFIG, "generation_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                "tokenizer_config.json", EXPORT_MARKER)
+
+
+def check_export_folder(out: str | Path) -> Path:
+    """--out as export may write it: a new or empty folder, or an earlier export (only its files,
+    `EXPORT_FILES`); never a file, the current folder by omission, or a folder holding other files
+    (a run folder, a user's own model)."""
+    if not str(out).strip():
+        raise UserError("--out is empty: name the folder to export into (it is created)")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        ours = (out / EXPORT_MARKER).is_file()
+        foreign = sorted(p.name for p in out.iterdir() if not ours or p.name not in EXPORT_FILES or not p.is_file())
+        if foreign:
+            raise UserError(f"--out {out} holds files raygpt's export did not write ({', '.join(foreign[:3])}"
+                            f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty folder")
+    return out
+
+
+def export(model: GPTModel, out: str | Path) -> Path:
+    """Write `model` as a Hugging Face GPT-2 folder at `out` (`check_export_folder`): the files are
+    written into a temporary folder beside it and moved in one by one, each replacing the link
+    and not what a symlink of that name pointed to."""
+    st = _safetensors()
+    out = check_export_folder(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     except OSError as exc:
         raise UserError(f"--out {out}: cannot create the folder ({exc.strerror})") from None
-    st.save_file(to_gpt2_state_dict(model), str(out / WEIGHTS), metadata={"format": "pt"})
-    (out / CONFIG).write_text(json.dumps(gpt2_config(model), indent=2))
-    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": EOT_ID, "eos_token_id": EOT_ID}))
-    write_tokenizer(out, model.cfg.context_len)
+    try:
+        st.save_file(to_gpt2_state_dict(model), str(staging / WEIGHTS), metadata={"format": "pt"})
+        (staging / CONFIG).write_text(json.dumps(gpt2_config(model), indent=2))
+        (staging / "generation_config.json").write_text(json.dumps({"bos_token_id": EOT_ID, "eos_token_id": EOT_ID}))
+        write_tokenizer(staging, model.cfg.context_len)
+        (staging / EXPORT_MARKER).write_text(json.dumps({"written_by": "raygpt export", "files": EXPORT_FILES[:-1]}))
+        for name in EXPORT_FILES:
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
@@ -247,5 +284,6 @@ def export_checkpoint(checkpoint: str, out: str) -> Path:
     local or on storage) as a Hugging Face GPT-2 folder."""
     from raygpt.generate import load_model
 
+    check_export_folder(out)  # before the checkpoint is read
     model, _ = load_model(checkpoint)
     return export(model.float(), out)

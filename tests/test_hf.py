@@ -147,3 +147,38 @@ def test_init_from_is_checked_before_launch(run_cli, tmp_path):
     assert "model.init_from" in err and "num_layers 2 vs 3" in err
     err = one_line_error(run_cli, *base, "--set", f"model.init_from={tmp_path / 'nothing'}")
     assert "no config.json there" in err
+
+
+def test_export_never_replaces_a_users_file_nor_writes_through_a_symlink(tmp_path):
+    """The writer rule: a new or empty folder, or an earlier export (its own files replaced, each
+    by a rename, so a symlink of that name is replaced and not written through)."""
+    model = trained_like()
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "config.json").write_text('{"mine": true}')
+    (user / "vocab.json").write_text("{}")
+    with pytest.raises(UserError, match=r"--out .*mine holds files raygpt's export did not write"):
+        hf.export(model, user)
+    assert (user / "config.json").read_text() == '{"mine": true}'
+    with pytest.raises(UserError, match="--out is empty"):
+        hf.export(model, "")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        hf.export(model, tmp_path / "file")
+    # An earlier export is replaced; a link planted in it is replaced, its target untouched.
+    hf.export(model, tmp_path / "hf")
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    (tmp_path / "hf" / "merges.txt").unlink()
+    (tmp_path / "hf" / "merges.txt").symlink_to(target)
+    hf.export(model, tmp_path / "hf")
+    assert target.read_text() == "keep me" and not (tmp_path / "hf" / "merges.txt").is_symlink()
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == sorted(hf.EXPORT_FILES)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf.export-")]  # no staging left
+
+
+def test_export_refuses_a_run_folder_before_reading_the_checkpoint(run_cli, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    code, out, err = run_cli("export", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"))
+    assert code == 2 and "holds files raygpt's export did not write (metrics.jsonl)" in err

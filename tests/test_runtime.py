@@ -36,3 +36,17 @@ def test_a_gpu_run_on_a_machine_without_one_is_refused_before_anything_is_writte
     err = one_line_error(run_cli, "train", "--no-ray", *sets, "--set", "run.use_gpu=true", "--set", "run.name=gpu")
     assert "run.use_gpu is true but this torch sees no GPU" in err
     assert not (tmp_path / "runs" / "gpu").exists()
+
+
+def test_no_ray_refuses_to_train_into_an_existing_run_without_resume(run_cli, tmp_path):
+    """As the Ray path does: an existing run folder is continued only with --resume (a user's
+    folder named by run.name is never written into)."""
+    from helpers import make_corpus, one_line_error, tiny_overrides
+
+    data = make_corpus(tmp_path / "corpus")
+    (tmp_path / "runs" / "mine").mkdir(parents=True)
+    (tmp_path / "runs" / "mine" / "notes.txt").write_text("not a run")
+    sets = [a for o in tiny_overrides(data, tmp_path / "runs") for a in ("--set", o)]
+    err = one_line_error(run_cli, "train", "--no-ray", *sets, "--set", "run.name=mine")
+    assert "run mine already exists in" in err and "--resume mine" in err
+    assert sorted(p.name for p in (tmp_path / "runs" / "mine").iterdir()) == ["notes.txt"]

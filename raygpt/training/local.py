@@ -76,6 +76,12 @@ def train_without_ray(cfg: Config, resume: str | None) -> None:
         raise UserError("under torchrun every rank must name the same run: set run.name")
     run_dir = (resume_paths(resume, cfg.run.storage_path).uri if resume
                else storage.join(storage.resolve_storage(cfg.run.storage_path), cfg.run.name or new_run_name()))
+    # Rank 0 only: under torchrun it creates the folder the other ranks then find (torchrun stops
+    # them all when it refuses).
+    if not resume and int(os.environ.get("RANK", "0")) == 0 and storage.exists(run_dir):
+        name, where = run_dir.rsplit("/", 1)[-1], run_dir.rsplit("/", 1)[0]
+        raise UserError(f"run {name} already exists in {where}; pass --resume {name} to continue it, "
+                        "or choose another run.name")
     data_dir = storage.resolve_storage(cfg.data.dir)
     check_shards(load_manifest(data_dir), data_dir)  # as a launch on Ray checks them, before anything starts
     process_device(cfg.run.use_gpu, int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count())  # the same
