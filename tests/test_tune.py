@@ -133,6 +133,15 @@ def test_search_with_asha_analysis_and_best_config(ray_address, data_dir, tmp_pa
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert read_csv(tmp_path / "out" / "trials.csv") == table
 
+    # A pickle planted in the copy's experiment state (as anyone who can write to a shared bucket
+    # could) runs nothing under analyze or runs: Tune's record is read as plain JSON.
+    from helpers import plant_pickles
+
+    marker = plant_pickles(moved, tmp_path / "pwned")
+    for command in (["analyze", str(moved)], ["runs", str(moved.parent)]):
+        proc = subprocess.run([BIN / "raygpt", *command], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and not marker.exists(), (command, proc.stderr[-2000:])
+
     code, out, err = run_cli("train", "--config", str(experiment / "best_config.yaml"), "--address", ray_address,
                              "--set", f"run.storage_path={tmp_path / 'final'}")
     assert code == 0, err

@@ -1,9 +1,10 @@
 """Result analysis of a search: a table of trials, the best config as YAML, curves, compute saved.
 
-It reads the experiment folder with Ray Tune's own `ExperimentAnalysis` (which re-bases every
-trial on the folder it is given) plus each trial's Train run folder (`train-<trial id>`: its
-metrics log and checkpoints). Every path it writes is relative to the experiment folder, so a
-finished experiment copied off a cluster's storage still analyses and its checkpoints still load.
+It reads the experiment folder's own files only, as data: `search.yaml`, Tune's trial records
+(`raygpt.search.experiment_state`: plain JSON, never unpickled) and each trial's Train run
+folder (`train-<trial id>`: its metrics log and checkpoints). Every path it writes is relative
+to the experiment folder, so a finished experiment copied off a cluster's storage still analyses
+and its checkpoints still load.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import yaml
 from raygpt import runs, storage
 from raygpt.errors import UserError
 from raygpt.runs import SEARCH_FILE, best_checkpoint, is_report_row, is_step_row, read_log
+from raygpt.search.experiment_state import TrialRecord, error_text, read_trials
 from raygpt.search.spec import (
     TuneSettings,
     rung_index,
@@ -52,8 +54,6 @@ class Analysis:
 
 
 def analyze(experiment_dir: str) -> Analysis:
-    from ray.tune import ExperimentAnalysis
-
     experiment_dir = storage.resolve_storage(experiment_dir).rstrip("/")
     search_uri = storage.join(experiment_dir, SEARCH_FILE)
     if not storage.exists(search_uri):
@@ -64,15 +64,12 @@ def analyze(experiment_dir: str) -> Analysis:
     max_t = launch.get("max_t")
     planned = {_key(o): t for o, t in zip(launch.get("order") or [], launch.get("total_steps") or [])}
     varied = list(search["search"])
-    try:
-        ea = ExperimentAnalysis(experiment_dir)
-    except ValueError:
-        raise UserError(f"no Tune experiment state in {experiment_dir}; the search never started") from None
+    trials = read_trials(experiment_dir)
     rows, curves, configs, errors, step_curves = [], {}, {}, {}, {}
     trained = full = 0
     base = search_base(search)
-    for trial in ea.trials:
-        hp = trial.config["hp"]
+    for trial in trials:
+        hp = trial.hp
         cfg = trial_config(base, hp).to_dict()
         run_dir = storage.join(experiment_dir, f"train-{trial.trial_id}")
         log = read_log(run_dir)
@@ -125,13 +122,10 @@ def _tokens_to_max_t(total_steps: int, tokens_per_step: int, time_attr: str, max
     return min(total_steps, math.ceil(max_t / tokens_per_step)) * tokens_per_step
 
 
-def _error_cause(trial: Any) -> str:
+def _error_cause(trial: TrialRecord) -> str:
     """The one line of a trial's error that says what went wrong (the last `Type: message` line
     of the traceback Tune saved), with where the whole traceback is."""
-    try:
-        text = trial.get_error() or ""
-    except Exception:  # the error file is gone or unreadable: say so rather than fail the analysis
-        text = ""
+    text = error_text(trial)  # "" when the error file is gone or unreadable: said, not a failure
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     causes = [line for line in lines
               if not line.startswith(("File ", "^", "~", "During handling", "The above", "Traceback"))

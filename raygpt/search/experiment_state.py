@@ -1,0 +1,89 @@
+"""Tune's record of a search's trials, read as plain JSON: nothing in it is unpickled.
+
+Ray Tune's `ExperimentAnalysis` decodes `experiment_state-*.json` with cloudpickle (values Tune
+could not write as JSON are stored as pickles, hex-encoded): anyone who can write to the
+experiment folder (a shared bucket) could make it run code on the analyst's machine. raygpt reads
+only the plain-JSON fields it needs (trial id, status, the searched values, where the error text
+is) and leaves every pickled value as the inert string it is in the file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from raygpt import storage
+from raygpt.errors import UserError
+
+STATE_FILE = re.compile(r"experiment_state-[0-9_-]+\.json")
+PLAIN_NAME = re.compile(r"(?!\.+$)[A-Za-z0-9_.=,\-]+")  # a trial id or folder name: no path, not . or ..
+MAX_ERROR_BYTES = 1 << 20
+
+
+@dataclass
+class TrialRecord:
+    trial_id: str
+    status: str  # Tune's: PENDING, RUNNING, PAUSED, TERMINATED, ERROR
+    hp: dict[str, Any]  # the searched values (dotted keys)
+    error_file: str | None  # where Tune wrote the trial's error text, if it failed
+
+
+def read_trials(experiment_dir: str) -> list[TrialRecord]:
+    """The trials of the newest experiment state in `experiment_dir`; a damaged one is one line."""
+    uri = newest_state_file(experiment_dir)
+    if uri is None:
+        raise UserError(f"no Tune experiment state in {experiment_dir}; the search never started")
+    where = uri.rsplit("/", 1)[-1]
+    try:
+        state = json.loads(storage.read_text(uri))
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{experiment_dir}: {where} is damaged (not JSON)") from None
+    entries = state.get("trial_data") if isinstance(state, dict) else None
+    if not isinstance(entries, list):
+        raise UserError(f"{experiment_dir}: {where} is damaged (no trial_data list)")
+    return [_trial(entry, experiment_dir, f"{where} trial_data[{i}]") for i, entry in enumerate(entries)]
+
+
+def newest_state_file(experiment_dir: str) -> str | None:
+    fs, path = storage.filesystem(experiment_dir)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return None
+    names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path))
+             if i.type == pafs.FileType.File and STATE_FILE.fullmatch(i.base_name)]
+    return storage.join(experiment_dir, max(names)) if names else None  # the name carries its time
+
+
+def _trial(entry: Any, experiment_dir: str, where: str) -> TrialRecord:
+    try:
+        trial_json, metadata_json = entry
+        trial, metadata = json.loads(trial_json), json.loads(metadata_json)
+        trial_id, status, hp = trial["trial_id"], trial["status"], trial["config"]["hp"]
+        logdir, error_name = trial.get("relative_logdir"), metadata.get("error_filename")
+    except (TypeError, ValueError, KeyError):
+        raise UserError(f"{experiment_dir}: {where} is damaged (not a Tune trial record)") from None
+    if not (isinstance(trial_id, str) and PLAIN_NAME.fullmatch(trial_id)) or not isinstance(status, str) \
+            or not isinstance(hp, dict):
+        raise UserError(f"{experiment_dir}: {where} is damaged (trial_id {trial_id!r}, status {status!r})")
+    error_file = None
+    if isinstance(logdir, str) and isinstance(error_name, str) and PLAIN_NAME.fullmatch(logdir) \
+            and PLAIN_NAME.fullmatch(error_name):
+        error_file = storage.join(experiment_dir, logdir, error_name)
+    return TrialRecord(trial_id, status, hp, error_file)
+
+
+def error_text(trial: TrialRecord) -> str:
+    """The trial's error text as Tune wrote it (its first MB), or "" when there is none to read."""
+    if trial.error_file is None:
+        return ""
+    try:
+        fs, path = storage.filesystem(trial.error_file)
+        if fs.get_file_info(path).type != pafs.FileType.File:  # a FIFO or a device is not read
+            return ""
+        with fs.open_input_stream(path) as f:
+            return f.read(MAX_ERROR_BYTES).decode(errors="replace")
+    except (OSError, UserError):
+        return ""
