@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from raygpt import storage
 from raygpt.errors import UserError
 from raygpt.model import GPTModel
 from raygpt.tokenizer import EOT_ID, EOT_TOKEN, _load_ranks
@@ -184,21 +185,8 @@ EXPORT_FILES = (WEIGHTS, CONFIG, "generation_config.json", "vocab.json", "merges
 
 
 def check_export_folder(out: str | Path) -> Path:
-    """--out as export may write it: a new or empty folder, or an earlier export (only its files,
-    `EXPORT_FILES`); never a file, the current folder by omission, or a folder holding other files
-    (a run folder, a user's own model)."""
-    if not str(out).strip():
-        raise UserError("--out is empty: name the folder to export into (it is created)")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()):
-        ours = (out / EXPORT_MARKER).is_file()
-        foreign = sorted(p.name for p in out.iterdir() if not ours or p.name not in EXPORT_FILES or not p.is_file())
-        if foreign:
-            raise UserError(f"--out {out} holds files raygpt's export did not write ({', '.join(foreign[:3])}"
-                            f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty folder")
-    return out
+    """--out as export may write it (`storage.check_output_folder`): new, empty, or an earlier export."""
+    return storage.check_output_folder(out, EXPORT_FILES, EXPORT_MARKER, "raygpt's export")
 
 
 def export(model: GPTModel, out: str | Path) -> Path:

@@ -180,3 +180,22 @@ def download(uri: str, local_dir: str) -> str:
 def temporary_dir(prefix: str = "raygpt-") -> tempfile.TemporaryDirectory:
     """A local scratch folder (downloads of checkpoints, uploads in the making)."""
     return tempfile.TemporaryDirectory(prefix=prefix)
+
+
+def check_output_folder(out: str | Path, own: tuple[str, ...], marker: str, writer: str) -> Path:
+    """A local output folder as a raygpt command may write it (`writer` names the command): new or
+    empty, or one it wrote before (holding its `marker` file, and besides only files named in
+    `own`). Never a file, the current folder by omission (an empty value), or a folder holding
+    anything else (a run folder, the user's own files of the same names)."""
+    if not str(out).strip():
+        raise UserError(f"--out is empty: name the folder {writer} writes into (it is created)")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        ours = (out / marker).is_file()
+        foreign = sorted(p.name for p in out.iterdir() if not ours or p.name not in own or not p.is_file())
+        if foreign:
+            raise UserError(f"--out {out} holds files {writer} did not write ({', '.join(foreign[:3])}"
+                            f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty folder")
+    return out

@@ -4,9 +4,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from helpers import checkpoint_folder, kill_upload
 
 from raygpt import runs, storage
+from raygpt.errors import UserError
 
 
 def test_an_unknown_storage_scheme_is_one_line_naming_it(tmp_path, capsys):
@@ -57,3 +59,25 @@ def test_temporaries_of_a_dead_writer_are_removed_and_a_live_ones_kept(tmp_path)
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_an_output_folder_is_new_empty_or_the_writers_own(tmp_path):
+    from raygpt.storage import check_output_folder
+
+    own = ("a.txt", ".mark")
+    assert check_output_folder(tmp_path / "new", own, ".mark", "w") == tmp_path / "new"
+    (tmp_path / "empty").mkdir()
+    check_output_folder(tmp_path / "empty", own, ".mark", "w")
+    (tmp_path / "users").mkdir()
+    (tmp_path / "users" / "a.txt").write_text("same name, not ours")
+    with pytest.raises(UserError, match=r"holds files w did not write \(a\.txt\)"):
+        check_output_folder(tmp_path / "users", own, ".mark", "w")
+    (tmp_path / "users" / ".mark").write_text("{}")
+    check_output_folder(tmp_path / "users", own, ".mark", "w")  # now an earlier output of w's
+    (tmp_path / "users" / "b.txt").write_text("beside it")
+    with pytest.raises(UserError, match=r"\(b\.txt\)"):
+        check_output_folder(tmp_path / "users", own, ".mark", "w")
+    with pytest.raises(UserError, match="--out is empty"):
+        check_output_folder("  ", own, ".mark", "w")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        check_output_folder(tmp_path / "users" / "b.txt", own, ".mark", "w")

@@ -12,6 +12,7 @@ import yaml
 from helpers import make_corpus, make_prose_corpus, search_raw, tiny_config
 
 from raygpt.config import load_config
+from raygpt.errors import UserError
 from raygpt.runs import read_events
 from raygpt.search.analysis import _tokens_to_max_t, analyze
 from raygpt.search.spec import TuneSettings, expand, parse_search, rung_milestones
@@ -329,3 +330,19 @@ def test_the_search_curves_draw_every_trials_step_losses_beside_the_val_losses(t
 
     assert size({}) == (800, 500)
     assert size(steps) == (1400, 500)
+
+
+def test_analyze_out_never_replaces_a_users_files(tmp_path):
+    from raygpt.search.analysis import Analysis, write_outputs
+
+    user = tmp_path / "results"
+    user.mkdir()
+    (user / "trials.csv").write_text("my own table")
+    (user / "best_config.yaml").write_text("mine: true")
+    analysis = Analysis(str(tmp_path / "exp"), [], [], {}, {}, TuneSettings(), 0, 0)
+    with pytest.raises(UserError, match=r"--out .*results holds files raygpt analyze did not write \(best_config"):
+        write_outputs(analysis, str(user))
+    assert (user / "trials.csv").read_text() == "my own table"
+    with pytest.raises(UserError, match="--out is empty"):
+        write_outputs(analysis, "")
+    assert not (tmp_path / "exp").exists()  # refused before anything was written

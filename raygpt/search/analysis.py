@@ -31,6 +31,7 @@ from raygpt.search.spec import (
 )
 
 BEST_CONFIG = "best_config.yaml"
+ANALYSIS_MARKER = ".raygpt-analysis"  # in an --out folder: analyze wrote it, and may again
 CURVES = "val_loss_curves.png"
 
 
@@ -154,6 +155,8 @@ def write_outputs(analysis: Analysis, out_dir: str | None = None) -> dict[str, s
 
     if out_dir is not None and storage.is_uri(out_dir):
         raise UserError(f"--out must be a local folder, got {out_dir}; the experiment folder gets the analysis anyway")
+    if out_dir is not None:
+        storage.check_output_folder(out_dir, (*OUTPUTS.values(), ANALYSIS_MARKER), ANALYSIS_MARKER, "raygpt analyze")
     with storage.temporary_dir() as tmp:
         local = {key: os.path.join(tmp, name) for key, name in OUTPUTS.items()}
         table = pa.Table.from_pylist(analysis.rows)
@@ -164,9 +167,12 @@ def write_outputs(analysis: Analysis, out_dir: str | None = None) -> dict[str, s
             yaml.safe_dump(best_config(analysis), f, sort_keys=False)
         plot_curves(analysis, local["curves"])
         for folder in [analysis.experiment_dir] + ([storage.resolve_storage(out_dir)] if out_dir else []):
-            for key, name in OUTPUTS.items():
+            for key, name in OUTPUTS.items():  # each written under a temporary name and renamed
                 with open(local[key], "rb") as f:
                     storage.write_bytes(storage.join(folder, name), f.read())
+        if out_dir:
+            storage.write_text(storage.join(storage.resolve_storage(out_dir), ANALYSIS_MARKER),
+                               json.dumps({"written_by": "raygpt analyze", "experiment": analysis.experiment_dir}))
     return {key: storage.join(analysis.experiment_dir, name) for key, name in OUTPUTS.items()}
 
 
