@@ -25,6 +25,7 @@ SCHEMA_VERSION = 1
 FAULT_KINDS = ("raise", "kill", "sigterm")
 EVAL_MODES = ("spread", "first")
 PRECISIONS = ("auto", "fp32", "bf16")  # train.precision (raygpt.training.speed resolves auto)
+MAX_VOCABULARY = 1 << 20  # far past any uint16 token id; a larger table is a typo, not a model
 STRATEGIES = ("ddp", "fsdp")  # run.strategy (raygpt.training.sharding)
 # run.accelerator_type: Ray's accelerator types (ray.util.accelerators) and one such GPU's memory in
 # GB, for the memory plan (raygpt.training.memory).
@@ -286,6 +287,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(None, None, "a key is a list or a mapping (keys are plain "
+                                                        "names)", key_node.start_mark) from None
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
                                                         key_node.start_mark)
@@ -306,13 +312,39 @@ def read_yaml_file(path: str | Path, what: str) -> Any:
                         f"(byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
     except OSError as exc:
         raise UserError(f"cannot read {what} {path}: {exc.strerror}") from None
+    return parse_yaml(text, f"{what} {path}")
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text as data (safe types only); not YAML, a key given twice or a list as a key,
+    nesting past Python's recursion limit: one line naming `where` and the line."""
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
+        at = f" (line {mark.line + 1})" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "cannot parse"
-        raise UserError(f"{what} {path} is not valid YAML{where}: {problem}") from None
+        raise UserError(f"{where} is not valid YAML{at}: {problem}") from None
+    except RecursionError:
+        raise UserError(f"{where} is not valid YAML: nested too deeply") from None
+
+
+def read_stored_yaml(uri: str, what: str) -> dict[str, Any]:
+    """A YAML mapping raygpt wrote into storage (a run's config.yaml, a search's search.yaml),
+    read back as data: not UTF-8, not YAML, a key twice or not a mapping is one line naming it."""
+    from raygpt import storage
+
+    try:
+        text = storage.read_bytes(uri).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what} {uri} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                        f"{exc.start})") from None
+    except (OSError, FileNotFoundError) as exc:
+        raise UserError(f"cannot read {what} {uri}: {getattr(exc, 'strerror', None) or exc}") from None
+    data = parse_yaml(text, f"{what} {uri}")
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {uri} must hold a mapping, got {type(data).__name__}")
+    return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -355,6 +387,11 @@ def validate(cfg: Config) -> None:
     if r.accelerator_type is not None and r.accelerator_type not in GPU_MEMORY_GB:
         raise UserError(f"run.accelerator_type must be one of {', '.join(GPU_MEMORY_GB)} (or null), "
                         f"got {r.accelerator_type!r}")
+    if not 0 <= t.seed < 2**63:  # torch's and numpy's generators take it as a signed 64-bit integer
+        raise UserError(f"train.seed must be an integer in [0, 2^63), got {t.seed}")
+    if m.vocabulary_size > MAX_VOCABULARY:
+        raise UserError(f"model.vocabulary_size must be at most {MAX_VOCABULARY:,} (token ids are stored as "
+                        f"uint16: below 65,536), got {m.vocabulary_size:,}")
     if r.strategy not in STRATEGIES:
         raise UserError(f"run.strategy must be one of {', '.join(STRATEGIES)}, got {r.strategy!r}")
     if r.use_gpu and r.gpus_per_worker > 1:

@@ -13,9 +13,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow.fs as pafs
-import yaml
 
 from raygpt import runs, storage
+from raygpt.config import read_stored_yaml
 from raygpt.errors import UserError
 
 # tune.tune_trial trains each trial into <experiment>/train-<trial id>; Tune's own trial folders
@@ -136,9 +136,8 @@ def _ended_trials(experiment_uri: str) -> list[str] | None:
 def _planned_trials(experiment_uri: str) -> int:
     """How many trials the search launches, as search.yaml's `launch` section says (0 if unsaid)."""
     try:
-        saved = yaml.safe_load(storage.read_text(storage.join(experiment_uri, runs.SEARCH_FILE)))
-        return int(saved["launch"]["trials"])
-    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
+        return int(read_stored_yaml(storage.join(experiment_uri, runs.SEARCH_FILE), "search file")["launch"]["trials"])
+    except (UserError, OSError, ValueError, TypeError, KeyError, OverflowError):
         return 0
 
 

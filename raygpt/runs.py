@@ -324,3 +324,18 @@ def resume_paths(resume: str, storage_path: str) -> RunPaths:
         parent, _, name = uri.rpartition("/")
         return RunPaths(parent, name)
     return RunPaths(storage.resolve_storage(storage_path), resume)
+
+
+def read_search_file(experiment_uri: str) -> dict[str, Any]:
+    """A search's search.yaml, checked: a YAML mapping with `tune` and `search` mappings (one line
+    naming what is wrong, as for every file raygpt reads back)."""
+    from raygpt.config import read_stored_yaml
+
+    uri = storage.join(experiment_uri, SEARCH_FILE)
+    if not storage.exists(uri):
+        raise UserError(f"no raygpt experiment in {experiment_uri} (no {SEARCH_FILE})")
+    saved = read_stored_yaml(uri, "search file")
+    for key in ("tune", "search"):
+        if not isinstance(saved.get(key), dict):
+            raise UserError(f"search file {uri} is damaged: its {key!r} section is missing or not a mapping")
+    return saved

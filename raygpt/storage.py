@@ -51,9 +51,13 @@ def exists(uri: str) -> bool:
 
 
 def read_text(uri: str) -> str:
+    return read_bytes(uri).decode()
+
+
+def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     with fs.open_input_stream(path) as f:
-        return f.read().decode()
+        return f.read()
 
 
 def write_text(uri: str, text: str) -> None:

@@ -182,3 +182,40 @@ def test_a_fraction_of_a_gpu_for_one_worker_is_allowed():
     # Tune trials of one worker each may share a GPU; only several workers of one run may not.
     cfg = load_config(None, ["run.use_gpu=true", "run.num_workers=1", "run.gpus_per_worker=0.5"])
     assert cfg.run.gpus_per_worker == 0.5
+
+
+@pytest.mark.parametrize("override, says", [
+    ("train.seed=18446744073709551616", r"train.seed must be an integer in \[0, 2\^63\), got 18446744073709551616"),
+    ("train.seed=-1", r"train.seed must be an integer in \[0, 2\^63\)"),
+    ("model.vocabulary_size=1000000000000", r"model.vocabulary_size must be at most 1,048,576"),
+])
+def test_values_the_launch_would_fail_on_are_refused_by_the_check(override, says):
+    with pytest.raises(UserError, match=says):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("text, says", [
+    ("a: " + "[" * 5000 + "]" * 5000, "is not valid YAML: nested too deeply"),
+    ("? [a, b]\n: 1\n", r"is not valid YAML \(line 1\): a key is a list or a mapping"),
+    ("model:\n  ? {x: 1}\n  : 2\n", r"is not valid YAML \(line 2\): a key is a list or a mapping"),
+])
+def test_hostile_yaml_is_one_line(tmp_path, text, says):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=says) as info:
+        load_config(path)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"\xff\xfe", "is not UTF-8 text"),
+    (b"model: [", "is not valid YAML"),
+    (b"a: 1\na: 2\n", "key 'a' is given twice"),
+    (b"- 1\n- 2\n", "must hold a mapping, got list"),
+])
+def test_a_stored_config_is_read_back_as_checked_data(tmp_path, content, says):
+    from raygpt.config import read_stored_yaml
+
+    (tmp_path / "config.yaml").write_bytes(content)
+    with pytest.raises(UserError, match=says):
+        read_stored_yaml(str(tmp_path / "config.yaml"), "run config")

@@ -103,3 +103,19 @@ def test_a_checkpoint_name_is_never_written_twice(tmp_path):
     (tmp_path / "checkpoint_0000012-1").mkdir()
     assert runs.unique_checkpoint_name(str(tmp_path), 12) == "checkpoint_0000012-2"
     assert runs.list_checkpoints(str(tmp_path))[-1].endswith("checkpoint_0000012-1")
+
+
+@pytest.mark.parametrize("content, says", [
+    (None, "no raygpt experiment in"),
+    (b"tune: [", "is not valid YAML"),
+    (b"- a\n", "must hold a mapping, got list"),
+    (b"search: {}\n", "its 'tune' section is missing or not a mapping"),
+    (b"tune: {}\nsearch: 3\n", "its 'search' section is missing or not a mapping"),
+    (b"\x80tune: {}", "is not UTF-8 text"),
+])
+def test_a_damaged_search_file_is_one_line(tmp_path, content, says):
+    if content is not None:
+        (tmp_path / runs.SEARCH_FILE).write_bytes(content)
+    with pytest.raises(UserError, match=says) as info:
+        runs.read_search_file(str(tmp_path))
+    assert "\n" not in str(info.value)

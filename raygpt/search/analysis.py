@@ -20,7 +20,7 @@ import yaml
 
 from raygpt import runs, storage
 from raygpt.errors import UserError
-from raygpt.runs import SEARCH_FILE, best_checkpoint, is_report_row, is_step_row, read_log
+from raygpt.runs import best_checkpoint, is_report_row, is_step_row, read_log, read_search_file
 from raygpt.search.experiment_state import TrialRecord, error_text, read_trials
 from raygpt.search.spec import (
     TuneSettings,
@@ -56,10 +56,7 @@ class Analysis:
 
 def analyze(experiment_dir: str) -> Analysis:
     experiment_dir = storage.resolve_storage(experiment_dir).rstrip("/")
-    search_uri = storage.join(experiment_dir, SEARCH_FILE)
-    if not storage.exists(search_uri):
-        raise UserError(f"no raygpt experiment in {experiment_dir} (no {SEARCH_FILE})")
-    search = yaml.safe_load(storage.read_text(search_uri))
+    search = read_search_file(experiment_dir)
     settings = settings_from_dict(search["tune"])
     launch = search.get("launch") or {}
     max_t = launch.get("max_t")

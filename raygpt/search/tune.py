@@ -27,7 +27,7 @@ from raygpt import storage
 from raygpt.cluster import resource_shape
 from raygpt.config import Config
 from raygpt.errors import UserError
-from raygpt.runs import SEARCH_FILE
+from raygpt.runs import SEARCH_FILE, read_search_file
 from raygpt.search.spec import (
     Search,
     Trial,
@@ -154,7 +154,7 @@ def tune_trial(params: dict[str, Any]) -> None:
     from raygpt.runs import CONFIG_FILE, RunPaths
 
     experiment_dir = params["experiment_dir"]
-    saved = yaml.safe_load(storage.read_text(storage.join(experiment_dir, SEARCH_FILE)))
+    saved = read_search_file(experiment_dir)
     settings = settings_from_dict(saved["tune"])
     trial = check_trial(search_base(saved), params["hp"])
     cfg = trial.config
@@ -308,7 +308,7 @@ def resume_search(experiment_dir: str, *, address: str | None = None, log=print)
     experiment_dir = storage.resolve_storage(experiment_dir).rstrip("/")
     if not storage.exists(storage.join(experiment_dir, SEARCH_FILE)) or not Tuner.can_restore(experiment_dir):
         raise UserError(f"no raygpt experiment to resume in {experiment_dir}")
-    saved = yaml.safe_load(storage.read_text(storage.join(experiment_dir, SEARCH_FILE)))
+    saved = read_search_file(experiment_dir)
     settings = settings_from_dict(saved["tune"])
     first = trial_config(search_base(saved), {})
     start_ray(address)

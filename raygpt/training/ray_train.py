@@ -13,7 +13,7 @@ import yaml
 
 from raygpt import checkpoint as ckpt
 from raygpt import cluster, storage
-from raygpt.config import Config, apply_overrides, config_from_dict
+from raygpt.config import Config, apply_overrides, config_from_dict, read_stored_yaml
 from raygpt.data.shards import check_shards, load_manifest
 from raygpt.errors import TrainingFailed, UserError
 from raygpt.runs import (
@@ -41,7 +41,7 @@ def run_config(paths: RunPaths, overrides: list[str]) -> Config:
     uri = storage.join(paths.uri, CONFIG_FILE)
     if not storage.exists(uri):
         raise UserError(f"no run to resume at {paths.uri} (no {CONFIG_FILE}); check the name or storage_path")
-    return config_from_dict(apply_overrides(yaml.safe_load(storage.read_text(uri)), overrides))
+    return config_from_dict(apply_overrides(read_stored_yaml(uri, "run config"), overrides))
 
 
 def _check_resume(paths: RunPaths, cfg: Config, log=print, manifest: dict[str, Any] | None = None) -> None:
