@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -209,6 +210,31 @@ def check_state(state: Any, where: str) -> None:
     config = state.get("config")
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise UserError(f"checkpoint {where} is damaged: state.json has no model config")
+
+
+RESUME_COUNTS = ("step", "epoch", "batch_in_epoch", "tokens_seen")
+
+
+def check_resumable(state: dict[str, Any], where: str) -> None:
+    """A state.json a run can continue from: whole-number positions, seconds as a number and the
+    data fingerprint as text (a step written as a string would fail deep in the loop)."""
+    for key in RESUME_COUNTS:
+        value = state.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise UserError(f"checkpoint {where} is damaged: {key} {value!r} in state.json is not a whole number >= 0")
+    elapsed = state.get("elapsed", 0.0)
+    if not isinstance(elapsed, (int, float)) or isinstance(elapsed, bool) or not math.isfinite(elapsed) or elapsed < 0:
+        raise UserError(f"checkpoint {where} is damaged: elapsed {elapsed!r} in state.json is not seconds >= 0")
+    if not isinstance(state.get("data_fingerprint"), (str, type(None))):
+        raise UserError(f"checkpoint {where} is damaged: data_fingerprint {state['data_fingerprint']!r} in "
+                        "state.json is not text")
+
+
+def weight_files(checkpoint_uri: str) -> bool:
+    """Whether a checkpoint folder (any storage) holds weights beside its state.json: model.pt, or
+    a sharded checkpoint's index."""
+    return storage.exists(storage.join(checkpoint_uri, "model.pt")) or \
+        storage.exists(storage.join(checkpoint_uri, SHARDED_INDEX))
 
 
 def load_checkpoint(folder: str | Path, with_optimizer: bool = True) -> dict[str, Any]:

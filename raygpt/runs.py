@@ -103,17 +103,6 @@ def newest_complete(run_uri: str) -> str | None:
     return found[-1] if found else None
 
 
-def newest_readable(run_uri: str, warn: Callable[[str], None] = print) -> tuple[str, dict[str, Any]] | None:
-    """The newest checkpoint whose state.json reads, with that state; damaged ones are skipped
-    with a warning naming them (the loop skips them the same way when it restores)."""
-    for uri in reversed(complete_checkpoints(run_uri)):
-        state = peek_state(uri)
-        if state is not None:
-            return uri, state
-        warn(f"warning: skipping checkpoint {uri}: its {STATE_FILE} is damaged")
-    return None
-
-
 def best_checkpoint(run_uri: str) -> tuple[str | None, float]:
     """The kept checkpoint with the lowest val_loss its state.json records."""
     best, best_loss = None, math.inf
@@ -324,6 +313,15 @@ def resume_paths(resume: str, storage_path: str) -> RunPaths:
         parent, _, name = uri.rpartition("/")
         return RunPaths(parent, name)
     return RunPaths(storage.resolve_storage(storage_path), resume)
+
+
+def check_storage_root(storage_path: str) -> str:
+    """run.storage_path resolved: a folder (made on first write) or a URI, never an existing file."""
+    root = storage.resolve_storage(storage_path)
+    fs, path = storage.filesystem(root)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        raise UserError(f"run.storage_path {storage_path} is a file, not a folder; runs are written into a folder")
+    return root
 
 
 def read_search_file(experiment_uri: str) -> dict[str, Any]:

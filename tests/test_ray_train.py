@@ -182,6 +182,22 @@ def test_a_resume_skips_a_damaged_newest_state_and_refuses_a_newer_format(run_cl
     assert "has format 7, newer than this raygpt reads (1); upgrade raygpt" in err
 
 
+def test_a_resume_check_skips_checkpoints_the_loop_could_not_restore(run_cli, small_run, data_dir, tmp_path):
+    """No weights beside state.json, or a step that is not a number: --check says so before Ray
+    starts, instead of the launch failing inside."""
+    import json
+
+    run = copy_run(small_run, tmp_path)
+    (run / "checkpoint_0000004" / "model.pt").unlink()
+    state = json.loads((run / "checkpoint_0000002" / "state.json").read_text())
+    (run / "checkpoint_0000002" / "state.json").write_text(json.dumps({**state, "step": "2"}))
+    err = one_line_error(run_cli, "train", "--check", "--resume", "r1", "--set", f"run.storage_path={run.parent}")
+    assert "run r1 has no checkpoint to resume from" in err and "none of them loads" in err
+    code, out, err = run_cli("train", "--check", "--resume", "r1", "--set", f"run.storage_path={run.parent}")
+    assert "checkpoint_0000004 is incomplete: it holds no model.pt" in out + err
+    assert "step '2' in state.json is not a whole number" in out + err
+
+
 def test_generate_falls_back_from_a_damaged_newest_checkpoint(run_cli, small_run, tmp_path):
     run = copy_run(small_run, tmp_path)
     model = run / "checkpoint_0000004" / "model.pt"

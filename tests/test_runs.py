@@ -38,15 +38,12 @@ def test_checkpoints_are_ordered_by_step_as_a_number(tmp_path):
                      "checkpoint_9999999", "checkpoint_10000000"]
 
 
-def test_the_newest_readable_checkpoint_skips_damaged_state_with_a_warning(tmp_path):
+def test_the_newest_complete_checkpoint_has_a_state_json(tmp_path):
     make_checkpoint(tmp_path, 4, 3.0)
     make_checkpoint(tmp_path, 8, 2.0)
     (tmp_path / "checkpoint_0000008" / "state.json").write_text("{not json")
     (tmp_path / "checkpoint_0000012").mkdir()  # incomplete: no state.json
-    warnings = []
-    uri, state = runs.newest_readable(str(tmp_path), warn=warnings.append)
-    assert uri.endswith("checkpoint_0000004") and state["step"] == 4
-    assert len(warnings) == 1 and "checkpoint_0000008" in warnings[0]
+    assert runs.peek_state(str(tmp_path / "checkpoint_0000008")) is None
     assert runs.newest_complete(str(tmp_path)).endswith("checkpoint_0000008")
     assert runs.best_checkpoint(str(tmp_path))[0].endswith("checkpoint_0000004")
 
@@ -119,3 +116,12 @@ def test_a_damaged_search_file_is_one_line(tmp_path, content, says):
     with pytest.raises(UserError, match=says) as info:
         runs.read_search_file(str(tmp_path))
     assert "\n" not in str(info.value)
+
+
+def test_a_storage_path_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="run.storage_path .*afile is a file, not a folder"):
+        runs.check_storage_root(str(tmp_path / "afile"))
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        runs.check_storage_root(f"file://{tmp_path / 'afile'}")
+    assert runs.check_storage_root(str(tmp_path / "new")) == str(tmp_path / "new")

@@ -36,3 +36,41 @@ def test_a_bad_manifest_is_one_line_and_no_shard_path_leaves_the_folder(tmp_path
     with pytest.raises(UserError, match=message) as info:
         WindowDataset(tmp_path, "train", 8)
     assert "\n" not in str(info.value)
+
+
+def _manifest(train, val):
+    split = lambda shards: {"tokens": sum(s["tokens"] for s in shards), "shards": shards}  # noqa: E731
+    return {"splits": {"train": split(train), "val": split(val)}}
+
+
+@pytest.mark.parametrize("train, val, message", [
+    ([{"file": "a.arrow", "tokens": 10, "bytes": 500}], [{"file": "a.arrow", "tokens": 10, "bytes": 500}],
+     "shard a.arrow is listed twice"),
+    ([{"file": "a.arrow", "tokens": 10, "bytes": 500}, {"file": "a.arrow", "tokens": 10, "bytes": 500}], [],
+     "shard a.arrow is listed twice"),
+    ([{"file": "a.arrow", "tokens": 10_000, "bytes": 500}], [], "claims 10,000 tokens in 500 bytes"),
+])
+def test_a_manifest_that_cannot_be_true_is_refused(tmp_path, train, val, message):
+    """The train shard listed as val, a shard listed twice, token counts inflated past the bytes
+    (a hand-edited manifest whose sha256 entries still match the files)."""
+    import json
+
+    from raygpt.data.shards import load_manifest
+
+    (tmp_path / "manifest.json").write_text(json.dumps(_manifest(train, val)))
+    with pytest.raises(UserError, match=message):
+        load_manifest(tmp_path)
+
+
+def test_the_full_check_counts_tokens_even_when_the_hash_matches(tmp_path):
+    import json
+
+    from raygpt.data.shards import file_sha256, shard_problem
+
+    write_shard(tmp_path / "a.arrow", np.arange(100, dtype=np.uint16))
+    entry = {"file": "a.arrow", "tokens": 90, "bytes": (tmp_path / "a.arrow").stat().st_size,
+             "sha256": file_sha256(tmp_path / "a.arrow")}
+    manifest = _manifest([entry], [])
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert shard_problem(tmp_path, manifest, full=True) == "a.arrow does not hold the manifest's 90 tokens"
+    assert shard_problem(tmp_path, manifest, full=False) is None  # sizes only at every start

@@ -80,6 +80,15 @@ def check_manifest_layout(manifest: Any, where: str) -> None:
             for key in ("tokens", "bytes"):
                 if (key in entry or key == "tokens") and not _is_count(entry.get(key)):
                     raise UserError(f"{where}: shard {name} {key} must be a whole number >= 0, got {entry.get(key)!r}")
+    files = [entry["file"] for split in SPLITS for entry in manifest["splits"][split]["shards"]]
+    twice = sorted({name for name in files if files.count(name) > 1})
+    if twice:
+        raise UserError(f"{where}: shard {twice[0]} is listed twice (each shard belongs to one split, once)")
+    for split in SPLITS:
+        for entry in manifest["splits"][split]["shards"]:
+            if "bytes" in entry and 2 * entry["tokens"] > entry["bytes"]:  # uint16: 2 bytes per token at least
+                raise UserError(f"{where}: shard {entry['file']} claims {entry['tokens']:,} tokens in "
+                                f"{entry['bytes']:,} bytes; a uint16 shard holds at most half as many")
     for split in SPLITS:  # the counts, once every split's shape and names are known good
         total = manifest["splits"][split].get("tokens")
         if not _is_count(total) or total != sum(e["tokens"] for e in manifest["splits"][split]["shards"]):
@@ -107,7 +116,7 @@ def shard_problem(folder: Path, manifest: dict[str, Any], full: bool = True) -> 
             return f"{entry['file']} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
         if full and "sha256" in entry and file_sha256(path) != entry["sha256"]:
             return f"{entry['file']} differs from the manifest's sha256"
-        if full and "sha256" not in entry and len(read_shard(path)) != entry["tokens"]:
+        if full and len(read_shard(path)) != entry["tokens"]:  # the count can be edited with the hash kept
             return f"{entry['file']} does not hold the manifest's {entry['tokens']} tokens"
     return None
 

@@ -27,7 +27,7 @@ from raygpt import storage
 from raygpt.cluster import resource_shape
 from raygpt.config import Config
 from raygpt.errors import UserError
-from raygpt.runs import SEARCH_FILE, read_search_file
+from raygpt.runs import SEARCH_FILE, check_storage_root, read_search_file
 from raygpt.search.spec import (
     Search,
     Trial,
@@ -249,7 +249,7 @@ def run_search(search: Search, *, address: str | None = None, log=print) -> str:
         if not trials:
             raise UserError("every configuration of the search is rejected; nothing to launch")
     first = trials[0].config
-    storage_root = storage.resolve_storage(first.run.storage_path)
+    storage_root = check_storage_root(first.run.storage_path)
     name = _experiment_name(s)
     experiment_dir = storage.join(storage_root, name)
     if storage.exists(experiment_dir):

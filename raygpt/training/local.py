@@ -75,7 +75,7 @@ def train_without_ray(cfg: Config, resume: str | None) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (cfg.run.name or resume):
         raise UserError("under torchrun every rank must name the same run: set run.name")
     run_dir = (resume_paths(resume, cfg.run.storage_path).uri if resume
-               else storage.join(storage.resolve_storage(cfg.run.storage_path), cfg.run.name or new_run_name()))
+               else storage.join(runs.check_storage_root(cfg.run.storage_path), cfg.run.name or new_run_name()))
     # Rank 0 only: under torchrun it creates the folder the other ranks then find (torchrun stops
     # them all when it refuses).
     if not resume and int(os.environ.get("RANK", "0")) == 0 and storage.exists(run_dir):

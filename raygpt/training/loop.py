@@ -179,6 +179,7 @@ def _restore_into(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg:
                 rt.log(f"initialised from {cfg.model.init_from}")
         return TrainState(), []
     loaded, uri = restored
+    ckpt.check_resumable(loaded["state"], uri)
     ckpt.check_same_shape(loaded["state"]["config"]["model"], cfg.model, uri)
     ckpt.check_same_data(loaded["state"], manifest.get("fingerprint"), uri)
     if loaded["sharded"] or is_sharded(model):  # either layout into either strategy, resharded

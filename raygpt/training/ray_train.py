@@ -22,9 +22,12 @@ from raygpt.runs import (
     Lease,
     RunPaths,
     best_checkpoint,
+    check_storage_root,
+    complete_checkpoints,
+    list_checkpoints,
     new_run_name,
     newest_complete,
-    newest_readable,
+    peek_state,
     read_events,
     resume_paths,
 )
@@ -47,11 +50,26 @@ def run_config(paths: RunPaths, overrides: list[str]) -> Config:
 def _check_resume(paths: RunPaths, cfg: Config, log=print, manifest: dict[str, Any] | None = None) -> None:
     """Before Ray starts: the run has a checkpoint whose state this raygpt reads, for this model
     shape (a damaged newest one is skipped, as the loop skips it)."""
-    found = newest_readable(paths.uri, warn=log)
+    found = None
+    for uri in reversed(complete_checkpoints(paths.uri)):  # the newest one the loop would restore
+        state = peek_state(uri)
+        if state is None:
+            log(f"warning: skipping checkpoint {uri}: its state.json does not read")
+            continue
+        ckpt.check_state(state, uri)  # a newer format, or no model config: said as is, not skipped
+        try:
+            ckpt.check_resumable(state, uri)
+            if not ckpt.weight_files(uri):
+                raise UserError(f"checkpoint {uri} is incomplete: it holds no model.pt (nor sharded weights)")
+        except UserError as exc:
+            log(f"warning: skipping {exc}")
+            continue
+        found = uri, state
+        break
     if found is None:
-        raise UserError(f"run {paths.name} has no checkpoint to resume from ({paths.uri})")
+        raise UserError(f"run {paths.name} has no checkpoint to resume from ({paths.uri}"
+                        f"{': none of them loads, see the warnings above' if list_checkpoints(paths.uri) else ''})")
     latest, state = found
-    ckpt.check_state(state, latest)
     ckpt.check_same_shape(state["config"]["model"], cfg.model, latest)
     ckpt.check_same_data(state, (manifest or load_manifest(cfg.data.dir)).get("fingerprint"), latest)
 
@@ -153,7 +171,7 @@ def preflight(cfg: Config, resume: str | None = None, log=print,
         paths = resume_paths(resume, cfg.run.storage_path)
         _check_resume(paths, cfg, log, manifest)
     else:
-        paths = RunPaths(storage.resolve_storage(cfg.run.storage_path), cfg.run.name or new_run_name())
+        paths = RunPaths(check_storage_root(cfg.run.storage_path), cfg.run.name or new_run_name())
         if storage.exists(paths.uri):
             raise UserError(f"run {paths.name} already exists in {paths.storage}; "
                             f"pass --resume {paths.name} to continue it, or choose another run.name")
