@@ -253,13 +253,16 @@ def _add_runs(sub: argparse._SubParsersAction) -> None:
 
 def _run_runs(args: argparse.Namespace) -> None:
     import json
+    import math
 
     from raygpt import storage
     from raygpt.listing import format_runs_table, list_runs
 
     entries = list_runs(args.storage)
-    if args.json:
-        print(json.dumps(entries, indent=1))
+    if args.json:  # strict JSON for scripts: a non-finite number (never written by raygpt) is null
+        finite = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in e.items()}
+                  for e in entries]
+        print(json.dumps(finite, indent=1, allow_nan=False))
     elif entries:
         print(format_runs_table(entries))
     else:

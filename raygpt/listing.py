@@ -69,7 +69,7 @@ def _entry(uri: str, kind: str, status: str, best: float | None, last_change: st
 def _run_entry(uri: str, files: list[pafs.FileInfo]) -> dict[str, Any]:
     try:
         metrics = runs.read_metrics(uri)
-    except (OSError, ValueError):  # a log raygpt did not write whole: say so, list the others
+    except (OSError, ValueError, UserError):  # a log raygpt did not write whole: say so, list the others
         return _entry(uri, "train", "unreadable", None, _last_change(files, []))
     last = metrics[-1] if metrics else {}
     holder = live_lease_holder(uri)

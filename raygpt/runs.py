@@ -136,11 +136,57 @@ def prune_checkpoints(run_uri: str, keep: int) -> list[str]:
 
 
 def read_log(run_dir: str | None) -> list[dict[str, Any]]:
-    """Every row of a run's metrics log: metrics, and events (rows with an "event" key)."""
+    """Every row of a run's metrics log: metrics, and events (rows with an "event" key), each
+    checked (`check_row`): a log raygpt did not write whole is a UserError naming the line."""
     uri = storage.join(run_dir, METRICS_FILE) if run_dir else None
     if uri is None or not storage.exists(uri):
         return []
-    return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
+    try:
+        text = storage.read_bytes(uri).decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"metrics log {uri} is damaged: not UTF-8 text") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise UserError(f"metrics log {uri} is damaged: line {number} is not JSON") from None
+            problem = check_row(row)
+            if problem:
+                raise UserError(f"metrics log {uri} is damaged: line {number} {problem}")
+            rows.append(row)
+    return rows
+
+
+# What a row's values must be where present: finite numbers (raygpt never logs a non-finite loss:
+# the run stops first), a step and counts as whole numbers, a wall time a datetime can show.
+_WHOLE = ("step", "epoch", "tokens_seen", "total_steps", "eval_tokens", "train_eval_tokens")
+_FINITE = ("train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "step_time",
+           "elapsed", "eval_time", "wall_time")
+_LATEST_WALL_TIME = 32503680000.0  # the year 3000
+
+
+def check_row(row: Any) -> str | None:
+    """What is wrong with a metrics log row, or None."""
+    if not isinstance(row, dict):
+        return f"is a {type(row).__name__}, not a JSON object"
+    if "event" in row:
+        return None if isinstance(row["event"], str) else f"has event {row['event']!r}, not a name"
+    if "step" not in row:
+        return "has no step"
+    for key in _WHOLE:
+        value = row.get(key)
+        if key in row and value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            return f"has {key} {value!r}, not a whole number >= 0"
+    for key in _FINITE:
+        value = row.get(key)
+        if key in row and value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                                  or not math.isfinite(value)):
+            return f"has {key} {value!r}, not a finite number"
+    if not 0 <= row.get("wall_time", 0) < _LATEST_WALL_TIME:
+        return f"has wall_time {row['wall_time']!r}, not a time"
+    return None
 
 
 def write_log(run_dir: str, rows: list[dict[str, Any]]) -> None:
@@ -198,7 +244,14 @@ class Lease:
             lease = json.loads(storage.read_text(self.uri))
         except (OSError, ValueError):
             return None
-        return lease if isinstance(lease, dict) else None
+        if not isinstance(lease, dict):
+            return None
+        heartbeat = lease.get("heartbeat")
+        if not isinstance(heartbeat, (int, float)) or isinstance(heartbeat, bool) or not math.isfinite(heartbeat):
+            lease = {**lease, "heartbeat": 0.0}  # no heartbeat that reads: as stale as can be (taken over, said so)
+        if not isinstance(lease.get("pid"), int) or isinstance(lease.get("pid"), bool):
+            lease = {**lease, "pid": None}
+        return lease
 
     def live_holder(self) -> dict[str, Any] | None:
         """The lease if its owner looks alive (the test `acquire` makes before refusing), else None."""

@@ -181,3 +181,31 @@ def test_a_missing_storage_is_one_line_and_an_empty_one_says_so(tmp_path, run_cl
     assert run_cli("runs", str(tmp_path / "empty")) == (0, f"no runs in {tmp_path / 'empty'}\n", "")
 
 
+
+
+@pytest.mark.parametrize("line, status", [
+    ("[1, 2, 3]", "unreadable"),
+    ('{"step": 12, "total_steps": 12, "val_loss": 1.0, "wall_time": 1e300}', "unreadable"),
+    ('{"step": 12, "total_steps": 12, "val_loss": NaN}', "unreadable"),
+    ('{"step": "12", "val_loss": 1.0}', "unreadable"),
+    ('{"step": 12, "val_lo', "unreadable"),
+])
+def test_one_odd_run_is_marked_and_the_others_listed(storage, run_cli, line, status):
+    """A metrics line raygpt would not write marks that run unreadable; the listing (table and
+    strict JSON) goes on."""
+    import json
+
+    shutil.copytree(storage / "finished", storage / "odd")
+    with open(storage / "odd" / runs.METRICS_FILE, "a") as f:
+        f.write(line + "\n")
+    found = by_name(storage)
+    assert found["odd"]["status"] == status and found["finished"]["status"] == "finished"
+    code, out, err = run_cli("runs", str(storage), "--json")
+    assert code == 0 and {e["name"] for e in json.loads(out)} >= {"odd", "finished"}
+
+
+def test_a_lease_whose_heartbeat_does_not_read_is_stale(storage):
+    shutil.copytree(storage / "finished", storage / "leased")
+    (storage / "leased" / runs.LEASE_FILE).write_text('{"host": "h", "pid": "x", "heartbeat": "soon"}')
+    assert by_name(storage)["leased"]["status"] == "finished"
+    assert runs.Lease(str(storage / "leased")).live_holder() is None

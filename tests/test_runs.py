@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -125,3 +126,19 @@ def test_a_storage_path_that_is_a_file_is_refused(tmp_path):
     with pytest.raises(UserError, match="is a file, not a folder"):
         runs.check_storage_root(f"file://{tmp_path / 'afile'}")
     assert runs.check_storage_root(str(tmp_path / "new")) == str(tmp_path / "new")
+
+
+@pytest.mark.parametrize("line, says", [
+    ('{"step": 3, "val_lo', "line 2 is not JSON"),
+    ("[1, 2, 3]", "line 2 is a list, not a JSON object"),
+    ('{"step": 3, "val_loss": "low"}', "line 2 has val_loss 'low', not a finite number"),
+    ('{"step": 3, "train_loss": [1]}', "line 2 has train_loss [1], not a finite number"),
+    ('{"val_loss": 1.0}', "line 2 has no step"),
+    ('{"step": 3, "wall_time": 1e300}', "line 2 has wall_time 1e+300, not a time"),
+    ('{"event": 7}', "line 2 has event 7, not a name"),
+])
+def test_a_metrics_log_raygpt_did_not_write_is_one_line_naming_the_line(tmp_path, line, says):
+    (tmp_path / runs.METRICS_FILE).write_text('{"step": 0, "val_loss": 10.0}\n' + line + "\n")
+    with pytest.raises(UserError, match=re.escape(says)) as info:
+        runs.read_log(str(tmp_path))
+    assert "\n" not in str(info.value)

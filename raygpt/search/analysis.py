@@ -71,7 +71,7 @@ def analyze(experiment_dir: str) -> Analysis:
         cfg = trial_config(base, hp).to_dict()
         run_dir = storage.join(experiment_dir, f"train-{trial.trial_id}")
         log = read_log(run_dir)
-        metrics = [r for r in log if is_report_row(r)]
+        metrics = [r for r in log if is_report_row(r) and "val_loss" in r]
         curves[trial.trial_id] = metrics
         step_curves[trial.trial_id] = [r for r in log if is_step_row(r)]
         configs[trial.trial_id] = cfg
