@@ -350,3 +350,133 @@ def test_windows_over_a_prepared_folder(tmp_path):
     assert len(ds) == num_windows(len(ids) + 1, 32, 16)
     x, y = ds[3]
     assert x.tolist() == ids[48:80] and y.tolist() == ids[49:81]
+
+
+# ----------------------------------------------------------------------------- hostile inputs
+
+
+@pytest.fixture
+def never_read(monkeypatch):
+    """Fail at once if prepare gets as far as reading its inputs: a FIFO would block it forever,
+    /dev/zero would fill memory. A refused input never gets there."""
+
+    def read(*args, **kw):
+        raise AssertionError("prepare went on to read an input that is not a regular file")
+
+    monkeypatch.setattr(prepare_module, "_tokenize_to", read)
+
+
+def test_cli_a_fifo_input_is_refused_not_waited_on(run_cli, tmp_path, never_read):
+    os.mkfifo(tmp_path / "pipe.txt")
+    err = one_line_error(run_cli, "prepare", str(tmp_path / "pipe.txt"), "--out", str(tmp_path / "o"))
+    assert f"input {tmp_path / 'pipe.txt'} is a FIFO, not a regular file" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_a_link_to_a_device_is_refused_not_read(run_cli, tmp_path, never_read):
+    (tmp_path / "zero.txt").symlink_to("/dev/zero")
+    err = one_line_error(run_cli, "prepare", str(tmp_path / "zero.txt"), "--out", str(tmp_path / "o"))
+    assert f"input {tmp_path / 'zero.txt'} links to a device, not a regular file" in err
+
+
+def test_a_fifo_or_device_in_a_folder_or_glob_is_skipped(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(DOCS[0])
+    os.mkfifo(corpus / "b.txt")
+    (corpus / "c.txt").symlink_to("/dev/zero")
+    prepare_local([str(corpus)], tmp_path / "o1", val_fraction=0.0, **quiet())
+    prepare_local([str(corpus / "*.txt")], tmp_path / "o2", val_fraction=0.0, **quiet())
+    assert decoded_documents(tmp_path / "o1")["train"] == decoded_documents(tmp_path / "o2")["train"] == [DOCS[0]]
+
+
+def test_a_link_to_a_regular_file_is_read(tmp_path):
+    (tmp_path / "real.txt").write_text(DOCS[0])
+    (tmp_path / "link.txt").symlink_to(tmp_path / "real.txt")
+    prepare_local([str(tmp_path / "link.txt")], tmp_path / "o", val_fraction=0.0, **quiet())
+    assert decoded_documents(tmp_path / "o")["train"] == [DOCS[0]]
+
+
+def test_cli_lone_surrogates_in_jsonl_are_replaced_and_counted(run_cli, tmp_path):
+    src = tmp_path / "c.jsonl"
+    # JSON escapes: a lone high and a lone low surrogate (no character), and a proper pair (🎉).
+    src.write_text('{"text": "lone \\ud800 high, lone \\udfff low"}\n{"text": "a pair \\ud83c\\udf89 is fine"}\n')
+    code, out, err = run_cli("prepare", str(src), "--out", str(tmp_path / "o"), "--context-len", "4",
+                             "--val-fraction", "0")
+    assert code == 0, err
+    assert "undecodable bytes replaced in 1 file(s)" in out
+    assert decoded_documents(tmp_path / "o")["train"] == ["lone \ufffd high, lone \ufffd low", "a pair 🎉 is fine"]
+
+
+def test_cli_invalid_utf8_in_a_parquet_text_column_is_replaced_and_counted(run_cli, tmp_path):
+    parts = [b"caf\xe9 ok", b"\xed\xa0\x80 surrogate bytes", b"fine text"]  # pyarrow checks none of them
+    offsets = np.cumsum([0] + [len(p) for p in parts], dtype=np.int32)
+    column = pa.Array.from_buffers(pa.string(), len(parts), [None, pa.py_buffer(offsets.tobytes()),
+                                                             pa.py_buffer(b"".join(parts))])
+    pq.write_table(pa.table({"text": column}), tmp_path / "c.parquet")
+    code, out, err = run_cli("prepare", str(tmp_path / "c.parquet"), "--out", str(tmp_path / "o"),
+                             "--context-len", "4", "--val-fraction", "0")
+    assert code == 0, err
+    assert "undecodable bytes replaced in 1 file(s)" in out
+    assert decoded_documents(tmp_path / "o")["train"] == ["caf\ufffd ok", "\ufffd\ufffd\ufffd surrogate bytes",
+                                                          "fine text"]
+
+
+def _damaged_parquets(tmp_path):
+    """A parquet file of several row groups, and copies damaged four ways."""
+    pq.write_table(pa.table({"text": [f"document number {i}, some words" for i in range(5000)]}),
+                   tmp_path / "good.parquet", row_group_size=1000)
+    data = (tmp_path / "good.parquet").read_bytes()
+    scrambled = bytearray(data)
+    for i in range(200, len(data) // 2):
+        scrambled[i] = (scrambled[i] * 7 + 13) % 256
+    damaged = {
+        "truncated": data[:len(data) // 2],
+        "random": bytes(range(256)) * 4,
+        "scrambled": bytes(scrambled),  # a sound footer over corrupt pages: fails only while reading
+        "holed": data[:100] + data[-2000:],  # the footer points at pages that are not there
+    }
+    for name, content in damaged.items():
+        (tmp_path / f"{name}.parquet").write_bytes(content)
+    return list(damaged)
+
+
+def test_cli_a_damaged_parquet_file_is_named_in_one_line(run_cli, tmp_path):
+    for name in _damaged_parquets(tmp_path):
+        path = tmp_path / f"{name}.parquet"
+        err = one_line_error(run_cli, "prepare", str(path), "--out", str(tmp_path / f"o-{name}"))
+        assert f"{path}: not a readable parquet file" in err, name
+        assert not (tmp_path / f"o-{name}").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="the fix belongs in raygpt/data/remote.py (prepare_to), outside this change")
+def test_cli_out_uri_of_a_file(run_cli, tmp_path):
+    (tmp_path / "a.txt").write_text(DOCS[0] * 5)
+    (tmp_path / "afile").write_text("precious")
+    err = one_line_error(run_cli, "prepare", str(tmp_path / "a.txt"), "--out", f"file://{tmp_path / 'afile'}")
+    assert "is a file, not a folder" in err
+    assert (tmp_path / "afile").read_text() == "precious"
+
+
+def test_cli_out_path_of_a_file(run_cli, tmp_path):
+    (tmp_path / "a.txt").write_text(DOCS[0] * 5)
+    (tmp_path / "afile").write_text("precious")
+    err = one_line_error(run_cli, "prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "afile"))
+    assert "is a file, not a folder" in err
+    assert (tmp_path / "afile").read_text() == "precious"
+
+
+@pytest.mark.parametrize("name", ["br[1].txt", "star*.txt", "what?.jsonl"])
+def test_an_existing_file_named_like_a_glob_is_taken_literally(tmp_path, name):
+    (tmp_path / name).write_text(json.dumps({"text": DOCS[0]}) + "\n" if name.endswith(".jsonl") else DOCS[0])
+    (tmp_path / "br1.txt").write_text(DOCS[1])  # what the name would match as a glob
+    (tmp_path / "star-other.txt").write_text(DOCS[1])
+    (tmp_path / "whatX.jsonl").write_text(json.dumps({"text": DOCS[1]}) + "\n")
+    prepare_local([str(tmp_path / name)], tmp_path / "o", val_fraction=0.0, **quiet())
+    assert decoded_documents(tmp_path / "o")["train"] == [DOCS[0]]
+
+
+def test_a_missing_path_with_glob_characters_is_still_a_glob(tmp_path):
+    (tmp_path / "br1.txt").write_text(DOCS[1])
+    prepare_local([str(tmp_path / "br[1].txt")], tmp_path / "o", val_fraction=0.0, **quiet())
+    assert decoded_documents(tmp_path / "o")["train"] == [DOCS[1]]

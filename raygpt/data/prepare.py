@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import sysconfig
 import tempfile
@@ -82,11 +83,26 @@ def stdlib_files() -> list[Path]:
     return sorted((p for p in files if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
 
 
+def _not_regular(path: Path) -> str | None:
+    """What `path` is when it is not a regular file (after symlinks), else None: a FIFO would
+    block the read forever and a device such as /dev/zero never ends, so neither is opened."""
+    mode = path.stat().st_mode
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+    return f"links to {kind}" if path.is_symlink() else f"is {kind}"
+
+
 def resolve_inputs(patterns: list[str]) -> list[Path]:
-    """Expand paths, folders (searched recursively) and globs to a sorted list of input files."""
+    """Expand paths, folders (searched recursively) and globs to a sorted list of input files.
+
+    An argument that exists is taken literally (a file named `br[1].txt` is that file); only one
+    that does not is expanded as a glob. Only regular files are read: a FIFO or device named
+    directly is refused, and one in a folder or glob is passed over like any other non-file."""
     files: list[Path] = []
     for pattern in patterns:
-        if glob.has_magic(pattern):
+        if glob.has_magic(pattern) and not os.path.lexists(pattern):
             matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
             if not matches:
                 raise UserError(f"input glob matches no file: {pattern}")
@@ -99,6 +115,10 @@ def resolve_inputs(patterns: list[str]) -> list[Path]:
                 if not matches:
                     raise UserError(f"input folder {pattern} holds no {'/'.join(SUFFIXES)} file")
             else:
+                kind = _not_regular(path)
+                if kind:
+                    raise UserError(f"input {pattern} {kind}, not a regular file; give "
+                                    f"{', '.join(SUFFIXES)} files or folders of them")
                 matches = [path]
         for path in matches:
             if path.suffix not in SUFFIXES:
@@ -122,24 +142,59 @@ def _decode(data: bytes, path: Path, stats: ReadStats) -> str:
         return data.decode("utf-8", errors="replace")
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_surrogates(text: str, path: Path, stats: ReadStats) -> str:
+    """`text` with each lone surrogate (a JSON escape such as "\\ud800" that encodes no
+    character; the tokenizer cannot encode it) replaced by U+FFFD, as undecodable bytes are."""
+    if _SURROGATE.search(text) is None:
+        return text
+    stats.replaced_files.add(str(path))
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def _parquet_texts(path: Path, pfile: pq.ParquetFile, stats: ReadStats) -> Iterator[list[str | None]]:
+    """The 'text' column in batches; a damaged file (a corrupt page, a footer pointing nowhere)
+    is a UserError naming it. Invalid UTF-8 in a string is replaced, as in a text file."""
+    batches = pfile.iter_batches(batch_size=1024, columns=["text"])
+    while True:
+        try:
+            batch = next(batches, None)
+            if batch is None:
+                return
+            column = batch.column(0)
+            try:
+                texts = column.to_pylist()
+            except UnicodeDecodeError:  # pyarrow does not check the UTF-8 of a string column
+                raw = column.cast(pa.large_binary()).to_pylist()
+                texts = [None if b is None else _decode(b, path, stats) for b in raw]
+        except (OSError, pa.ArrowException) as exc:
+            raise UserError(f"{path}: not a readable parquet file ({_first_line(exc)})") from None
+        stats.bytes_read += column.nbytes
+        yield texts
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def read_documents(path: Path, stats: ReadStats) -> Iterator[str]:
     """Yield the documents of one input file, streaming (parquet by row-group batches)."""
     if path.suffix == ".parquet":
         try:
             pfile = pq.ParquetFile(path)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise UserError(f"{path}: not a readable parquet file ({exc})") from None
-        names = pfile.schema_arrow.names
+            names = pfile.schema_arrow.names
+        except (OSError, pa.ArrowException) as exc:
+            raise UserError(f"{path}: not a readable parquet file ({_first_line(exc)})") from None
         if "text" not in names:
             raise UserError(f"{path}: parquet file has no 'text' column (columns: {', '.join(names)})")
         kind = pfile.schema_arrow.field("text").type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             raise UserError(f"{path}: parquet column 'text' holds {kind}, expected strings")
         stats.digests[path] = file_sha256(path)  # pyarrow reads the columns; hash the bytes apart
-        for batch in pfile.iter_batches(batch_size=1024, columns=["text"]):
-            column = batch.column(0)
-            stats.bytes_read += column.nbytes
-            yield from (t for t in column.to_pylist() if t)
+        for texts in _parquet_texts(path, pfile, stats):
+            yield from (t for t in texts if t)
     elif path.suffix == ".jsonl":
         digest = hashlib.sha256()
         with open(path, "rb") as f:
@@ -155,7 +210,7 @@ def read_documents(path: Path, stats: ReadStats) -> Iterator[str]:
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                     raise UserError(f"{path}:{lineno}: expected a JSON object with a string 'text' field")
                 if record["text"]:
-                    yield record["text"]
+                    yield _no_surrogates(record["text"], path, stats)
         stats.digests[path] = digest.hexdigest()
     else:  # .txt, or .py from the stdlib: one file is one document
         data = path.read_bytes()
