@@ -22,6 +22,9 @@ from raygpt.errors import UserError
 # beside them hold no raygpt files.
 TRIAL_RUN_PREFIX = "train-"
 _RUN_FILES = {runs.CONFIG_FILE, runs.METRICS_FILE, runs.PROGRESS_FILE, runs.LEASE_FILE}
+# What the listing opens in a run folder and in an experiment folder.
+_RUN_READS = (runs.METRICS_FILE, runs.LEASE_FILE)
+_SEARCH_READS = (runs.SEARCH_FILE, runs.TRIALS_CSV)
 
 
 def list_runs(storage_path: str) -> list[dict[str, Any]]:
@@ -50,7 +53,7 @@ def list_runs(storage_path: str) -> list[dict[str, Any]]:
         uri = storage.join(root, info.base_name)
         files = fs.get_file_info(pafs.FileSelector(info.path, recursive=True))  # for the newest change
         entries.append(_search_entry(uri, info.path, children, files) if runs.SEARCH_FILE in children
-                       else _run_entry(uri, files))
+                       else _run_entry(uri, info.path, files))
     return sorted(entries, key=lambda e: e["last_change"] or "")
 
 
@@ -66,7 +69,16 @@ def _entry(uri: str, kind: str, status: str, best: float | None, last_change: st
             "holder": None, "path": uri}
 
 
-def _run_entry(uri: str, files: list[pafs.FileInfo]) -> dict[str, Any]:
+def _not_plain_files(path: str, files: list[pafs.FileInfo], names: tuple[str, ...]) -> bool:
+    """Whether one of `names` in the folder at `path` is there but not a regular file: a FIFO
+    would block its reader forever and a device (a link to /dev/zero) never ends; neither is opened."""
+    wanted = {f"{path}/{name}" for name in names}
+    return any(f.path in wanted and f.type != pafs.FileType.File for f in files)
+
+
+def _run_entry(uri: str, path: str, files: list[pafs.FileInfo]) -> dict[str, Any]:
+    if _not_plain_files(path, files, _RUN_READS):
+        return _entry(uri, "train", "unreadable", None, _last_change(files, []))
     try:
         metrics = runs.read_metrics(uri)
     except (OSError, ValueError, UserError):  # a log raygpt did not write whole: say so, list the others
@@ -95,7 +107,10 @@ def live_lease_holder(run_uri: str) -> dict[str, Any] | None:
 
 def _search_entry(uri: str, path: str, children: dict[str, pafs.FileType],
                   files: list[pafs.FileInfo]) -> dict[str, Any]:
-    trials = [_run_entry(storage.join(uri, name), [f for f in files if f.path.startswith(f"{path}/{name}/")])
+    if _not_plain_files(path, files, _SEARCH_READS):
+        return _entry(uri, "search", "unreadable", None, _last_change(files, []))
+    trials = [_run_entry(storage.join(uri, name), f"{path}/{name}",
+                         [f for f in files if f.path.startswith(f"{path}/{name}/")])
               for name, t in sorted(children.items())
               if t == pafs.FileType.Directory and name.startswith(TRIAL_RUN_PREFIX)]
     statuses = [t["status"] for t in trials]
@@ -171,7 +186,7 @@ def _status(e: dict[str, Any]) -> str:
 
 def _progress(e: dict[str, Any]) -> str:
     if e["kind"] == "search":
-        return f"{e['trials_finished']}/{e['trials']} trials"
+        return "-" if e["trials"] is None else f"{e['trials_finished']}/{e['trials']} trials"
     return "-" if e["steps"] is None else f"{e['steps']}/{e['total_steps']}"
 
 

@@ -209,3 +209,61 @@ def test_a_lease_whose_heartbeat_does_not_read_is_stale(storage):
     (storage / "leased" / runs.LEASE_FILE).write_text('{"host": "h", "pid": "x", "heartbeat": "soon"}')
     assert by_name(storage)["leased"]["status"] == "finished"
     assert runs.Lease(str(storage / "leased")).live_holder() is None
+
+
+class _OpensOnlyRegularFiles:
+    """A local filesystem that fails at once, instead of blocking forever on a FIFO or reading
+    /dev/zero without end, when asked to open what is not a regular file."""
+
+    def __init__(self, fs):
+        self._fs = fs
+
+    def __getattr__(self, name):
+        return getattr(self._fs, name)
+
+    def _check(self, path):
+        import stat
+
+        assert stat.S_ISREG(os.stat(path).st_mode), f"the listing opened {path}, not a regular file"
+
+    def open_input_stream(self, path, *args, **kw):
+        self._check(path)
+        return self._fs.open_input_stream(path, *args, **kw)
+
+    def open_input_file(self, path, *args, **kw):
+        self._check(path)
+        return self._fs.open_input_file(path, *args, **kw)
+
+
+def test_a_fifo_or_device_in_a_run_or_search_is_marked_unreadable_not_opened(storage, monkeypatch, run_cli):
+    from raygpt import storage as storage_module
+
+    real = storage_module.filesystem
+    monkeypatch.setattr(storage_module, "filesystem", lambda uri: (_OpensOnlyRegularFiles(real(uri)[0]), real(uri)[1]))
+    (storage / "interrupted" / runs.METRICS_FILE).unlink()
+    os.mkfifo(storage / "interrupted" / runs.METRICS_FILE)  # a reader's open would wait for a writer forever
+    (storage / "zero").mkdir()
+    (storage / "zero" / runs.CONFIG_FILE).write_text("model: {}\n")
+    (storage / "zero" / runs.METRICS_FILE).symlink_to("/dev/zero")  # a read would never end
+    (storage / "leased").mkdir()
+    (storage / "leased" / runs.CONFIG_FILE).write_text("model: {}\n")
+    os.mkfifo(storage / "leased" / runs.LEASE_FILE)
+    piped = add_search(storage, "tune-piped", ["finished", "finished"], planned=2)
+    (piped / SEARCH_FILE).unlink()
+    os.mkfifo(piped / SEARCH_FILE)
+    ended = add_search(storage, "tune-ended", ["finished", "finished"], planned=2)
+    os.mkfifo(ended / runs.TRIALS_CSV)
+    trial = add_search(storage, "tune-trial", ["finished", "finished"], planned=2)
+    (trial / "train-00001" / runs.METRICS_FILE).unlink()
+    os.mkfifo(trial / "train-00001" / runs.METRICS_FILE)
+    os.mkfifo(storage / "a-fifo")  # not a folder: not a run
+    found = by_name(storage)
+    assert {name: e["status"] for name, e in found.items()} == {
+        "finished": "finished", "interrupted": "unreadable", "zero": "unreadable", "leased": "unreadable",
+        "tune-piped": "unreadable", "tune-ended": "unreadable", "tune-trial": "interrupted"}
+    assert (found["tune-trial"]["trials"], found["tune-trial"]["trials_finished"]) == (2, 1)
+    assert found["tune-piped"]["kind"] == "search" and found["interrupted"]["last_change"] is not None
+    code, out, err = run_cli("runs", str(storage))
+    assert (code, err) == (0, "")
+    assert [line.split()[:4] for line in out.splitlines() if line.startswith("tune-piped")] == [
+        ["tune-piped", "search", "unreadable", "-"]]
