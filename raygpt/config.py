@@ -257,7 +257,7 @@ def _build_section(name: str, raw: Any) -> Any:
     if isinstance(preset, _Override):
         preset = preset.resolve(str | None)
     if name == "model" and preset is not None:
-        if preset not in PRESETS:
+        if not isinstance(preset, str) or preset not in PRESETS:
             raise UserError(f"model.preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         raw = {**PRESETS[preset], **raw}
     hints = typing.get_type_hints(cls)

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from raygpt.config import SCHEMA_VERSION, Config, load_config
+from raygpt.config import SCHEMA_VERSION, Config, config_from_dict, load_config
 from raygpt.errors import UserError
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
@@ -219,3 +219,9 @@ def test_a_stored_config_is_read_back_as_checked_data(tmp_path, content, says):
     (tmp_path / "config.yaml").write_bytes(content)
     with pytest.raises(UserError, match=says):
         read_stored_yaml(str(tmp_path / "config.yaml"), "run config")
+
+
+def test_a_preset_that_is_not_a_name_is_one_line():
+    """Found by tests/test_fuzz.py: `preset: []` was a TypeError (unhashable) traceback."""
+    with pytest.raises(UserError, match=r"model.preset: unknown preset \[\]"):
+        config_from_dict({"model": {"preset": []}})
