@@ -171,6 +171,8 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
                    help="override a base config key, or a tune setting as tune.KEY=VALUE")
     p.add_argument("--address", help="Ray cluster to join: 'auto' or HOST:PORT (default: start a local Ray)")
     p.add_argument("--resume", metavar="EXPERIMENT_DIR", help="continue an interrupted search")
+    p.add_argument("--check", action="store_true",
+                   help="check the search and every trial's config, print the launch order, start nothing")
     p.set_defaults(func=_run_tune)
 
 
@@ -190,6 +192,9 @@ def _run_tune(args: argparse.Namespace) -> None:
         data = search.base.get("data", {})
         if data.get("source") and not has_manifest(data.get("dir", "")):
             prepare_to(data["dir"], source=data["source"])
+        if args.check:
+            run_search(search, check_only=True)
+            return
         experiment = run_search(search, address=args.address)
     analysis = report_search(experiment)
     if analysis.failed:

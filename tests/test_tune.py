@@ -346,3 +346,17 @@ def test_analyze_out_never_replaces_a_users_files(tmp_path):
     with pytest.raises(UserError, match="--out is empty"):
         write_outputs(analysis, "")
     assert not (tmp_path / "exp").exists()  # refused before anything was written
+
+
+def test_tune_check_validates_the_search_and_starts_nothing(data_dir, tmp_path, run_cli):
+    from helpers import one_line_error
+
+    cfg = tmp_path / "search.yaml"
+    cfg.write_text(yaml.safe_dump(search_raw(data_dir, tmp_path / "runs", name="exp")))
+    code, out, err = run_cli("tune", "--check", "--config", str(cfg))
+    assert code == 0, err
+    assert "launch order (seed 0):" in out and "ok: experiment exp (new)" in out and "nothing started" in out
+    assert not (tmp_path / "runs").exists()
+    # ASHA asserted inside Ray on a grace period past every trial's end; now --check says so.
+    err = one_line_error(run_cli, "tune", "--check", "--config", str(cfg), "--set", "tune.grace_period=1000")
+    assert "tune.grace_period 1000 is past every trial's end (max_t 12 steps)" in err

@@ -225,8 +225,9 @@ def _experiment_name(settings: TuneSettings) -> str:
     return settings.name or f"tune-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-def run_search(search: Search, *, address: str | None = None, log=print) -> str:
-    """Launch the search; return the experiment folder (analysed by raygpt.search.analysis)."""
+def run_search(search: Search, *, address: str | None = None, log=print, check_only: bool = False) -> str | None:
+    """Launch the search; return the experiment folder (analysed by raygpt.search.analysis).
+    `check_only` (`raygpt tune --check`): everything checked and the plan printed, nothing started."""
     import ray.tune
     from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
 
@@ -255,11 +256,22 @@ def run_search(search: Search, *, address: str | None = None, log=print) -> str:
     if storage.exists(experiment_dir):
         raise UserError(f"experiment {name} already exists in {storage_root}; "
                         f"use `raygpt tune --resume {experiment_dir}`")
+    max_t = default_max_t(trials, s)
+    if s.early_stopping and s.scheduler == "asha" and s.grace_period > max_t:  # ASHA would assert inside Ray
+        raise UserError(f"tune.grace_period {s.grace_period} is past every trial's end (max_t {max_t} "
+                        f"{s.time_attr}s): ASHA could judge no trial; use a grace_period <= {max_t}")
+    if check_only:
+        log(f"launch order (seed {s.seed}{'' if s.shuffle else ', as listed'}):" if not searcher else
+            f"{s.num_samples} trials suggested by Optuna")
+        for i, trial in enumerate([] if searcher else trials):
+            log(f"  {i + 1:>3}. {describe_overrides(trial.overrides)}")
+        log(f"ok: experiment {name} (new) -> {experiment_dir}: {s.num_samples if searcher else len(trials)} trials, "
+            f"max_t {max_t} {s.time_attr}s; nothing started (concurrency is set by the cluster at launch)")
+        return None
     start_ray(address)
     check_resources(first, log)
     num_trials = s.num_samples if searcher else len(trials)
     cap, why = concurrency(first, s, num_trials)
-    max_t = default_max_t(trials, s)
     bracket = hyperband_smallest_bracket(max_t, s.reduction_factor)
     if s.scheduler == "hyperband" and s.early_stopping and cap < bracket:
         log(f"warning: tune.scheduler hyperband halves a bracket of {bracket} trials at the least, but only "
