@@ -259,12 +259,17 @@ def load_checkpoint(folder: str | Path, with_optimizer: bool = True) -> dict[str
     for name in files:
         try:
             out[name[:-3]] = torch.load(folder / name, map_location="cpu", weights_only=True)
-            if name == "model.pt":  # a state dict saved by hand from a compiled or DDP model loads too
-                out["model"] = strip_wrapper_prefixes(out["model"])
         except FileNotFoundError:
             raise UserError(f"checkpoint {folder} is incomplete: {name} is missing") from None
         except Exception as exc:  # torch raises several types for a truncated or foreign file
             raise UserError(f"checkpoint {folder} is damaged: {name} does not load ({type(exc).__name__})") from None
+    weights = out["model"]  # weights_only still loads any dict, list, str or number
+    bad = (f"it holds a {type(weights).__name__}, not a state dict" if not isinstance(weights, dict) else
+           next((f"{k!r} is a {type(v).__name__}, not a tensor" if isinstance(k, str) else f"key {k!r} is not a name"
+                 for k, v in weights.items() if not (isinstance(k, str) and torch.is_tensor(v))), None))
+    if bad:
+        raise UserError(f"checkpoint {folder} is damaged: model.pt is not a state dict of tensors ({bad})")
+    out["model"] = strip_wrapper_prefixes(weights)  # a state dict saved by hand from a compiled or DDP model loads too
     return out
 
 
