@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import make_corpus, search_raw
+from helpers import make_corpus, one_line_error, search_raw
 
 from raygpt.errors import UserError
 from raygpt.search.spec import expand, load_search, parse_search
@@ -79,6 +79,12 @@ def test_rejected_combinations_are_counted_with_reasons(data_dir, tmp_path):
         ({"optim.peak_lr": {"grid": [0.1]}}, {"time_attr": "training_iteration"},
          "tune.time_attr must be one of step, tokens_seen"),
         ({"optim.peak_lr": {"grid": [0.1]}}, {"bogus": 1}, "unknown tune setting 'tune.bogus'"),
+        # three identical trials: a repeated grid value is refused
+        ({"optim.peak_lr": {"grid": [0.001, 0.001, 0.001]}}, {},
+         r"search.optim.peak_lr: grid value 0.001 is given more than once \(3 times\); list each value once"),
+        ({"train.batch_size": {"grid": [4, 8, 4.0]}}, {}, r"search.train.batch_size: grid value 4 is given more"),
+        ({"optim.betas": {"grid": [[0.9, 0.95], [0.9, 0.999], [0.9, 0.95]]}}, {},
+         r"search.optim.betas: grid value \[0.9, 0.95\] is given more than once \(2 times\)"),
     ],
 )
 def test_bad_search_definitions(data_dir, tmp_path, space, tune, message):
@@ -146,6 +152,39 @@ def test_the_recipe_grid_file_holds_the_nine_keys_and_samples_distinct_points(da
     assert [t.overrides for t in other] != [t.overrides for t in trials]
 
 
+def test_random_search_samples_a_huge_grid_without_listing_it(data_dir, tmp_path):
+    """Five keys of 10,000 values: 10^20 points, more than a Python list (or range) can hold.
+    Random search draws its points without building the grid."""
+    n = 10_000
+    space = {"train.seed": {"grid": list(range(n))}, "optim.weight_decay": {"grid": [i * 1e-5 for i in range(n)]},
+             "model.dropout": {"grid": [i * 1e-5 for i in range(n)]},
+             "optim.max_norm": {"grid": [0.5 + i * 1e-4 for i in range(n)]},
+             "optim.peak_lr": {"grid": [0.002 + i * 1e-6 for i in range(n)]}}
+
+    def sample(seed):
+        search = parse_search(search_raw(data_dir, tmp_path, space, search_alg="random", num_samples=4, seed=seed))
+        assert search.grid_size == 10**20
+        trials, rejected = expand(search)
+        assert len(trials) == 4 and not rejected
+        return [tuple(t.overrides.values()) for t in trials]
+
+    points = sample(0)
+    assert len(set(points)) == 4 and sample(0) == points and sample(1) != points
+
+
+def test_random_search_over_a_huge_grid_stops_after_a_bounded_number_of_refused_points(data_dir, tmp_path,
+                                                                                      monkeypatch):
+    """Every point refused (warmup longer than the run): the draws stop; the grid is not walked."""
+    from raygpt.search import spec
+
+    monkeypatch.setattr(spec, "MAX_RANDOM_DRAWS", 50)
+    n = 100_000
+    space = {"optim.warmup_steps": {"grid": list(range(1000, 1000 + n))}, "train.seed": {"grid": list(range(n))}}
+    search = parse_search(search_raw(data_dir, tmp_path, space, search_alg="random", num_samples=2))
+    trials, rejected = expand(search)
+    assert not trials and len(rejected) == spec.MAX_RANDOM_DRAWS < search.grid_size
+
+
 def test_random_search_draws_distributions_per_point(data_dir, tmp_path):
     space = {"optim.peak_lr": {"grid": [0.002, 0.005, 0.01]}, "model.dropout": {"uniform": [0.0, 0.2]}}
     trials, _ = expand(parse_search(search_raw(data_dir, tmp_path, space, search_alg="random", num_samples=3)))
@@ -177,3 +216,18 @@ def test_cli_refuses_a_tune_setting_of_the_wrong_type_in_one_line(run_cli, data_
     code, _, err = run_cli("tune", "--config", str(cfg), "--set", "tune.grace_period=abc")
     assert code == 2 and err.strip().count("\n") == 0
     assert "tune.grace_period: expected int, got 'abc'" in err
+
+
+@pytest.mark.parametrize("setting, said", [
+    ("tune.name=[1", "tune.name must be a plain folder name (letters, digits, '.', '_', '-'), got '[1'"),
+    ("tune.num_samples=[1", "tune.num_samples: expected int, got '[1' (str)"),
+    ("tune.seed={a: 1", "tune.seed: expected int, got '{a: 1' (str)"),
+    ("tune.name", "--set 'tune.name': expected section.key=value"),
+])
+def test_cli_refuses_a_tune_setting_that_is_not_yaml_in_one_line(run_cli, data_dir, tmp_path, setting, said):
+    """`--set tune.KEY=VALUE` reads VALUE as a `--set` of the config does: text that is not YAML
+    is the text (the setting's own check names it), never a YAMLError traceback."""
+    cfg = tmp_path / "search.yaml"
+    cfg.write_text(yaml.safe_dump(search_raw(data_dir, tmp_path / "runs")))
+    err = one_line_error(run_cli, "tune", "--config", str(cfg), "--set", setting)
+    assert said in err

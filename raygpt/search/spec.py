@@ -13,6 +13,7 @@ so a grid listed weakest-first would set a low bar and stop nothing.
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import math
@@ -20,13 +21,12 @@ import os
 import random
 import typing
 from dataclasses import dataclass, field
-from typing import Any
-
-import yaml
+from typing import Any, Iterator
 
 from raygpt.config import (
     SECTIONS,
     Config,
+    _parse_override,
     apply_overrides,
     coerce,
     config_from_dict,
@@ -106,9 +106,12 @@ def parse_search(raw: dict[str, Any], overrides: list[str] = ()) -> Search:
         raise UserError("the search file needs a non-empty `search` section: section.key: {grid: [...]}")
     if not isinstance(settings_raw, dict):
         raise UserError(f"the `tune` section must be a mapping of settings, got {settings_raw!r}")
+    hints = typing.get_type_hints(TuneSettings)
     for item in (o for o in overrides if o.startswith("tune.")):
-        key, _, value = item[len("tune."):].partition("=")
-        settings_raw[key] = yaml.safe_load(value) if value.strip() else value
+        # read as a config key's `--set` is: YAML by the setting's type, text that is not YAML kept
+        # as text (the setting's own check names it); an unknown key keeps its text for the error
+        _, key, value = _parse_override(item)
+        settings_raw[key] = value.resolve(hints[key]) if key in hints else value.text
     raw = apply_overrides(raw, [o for o in overrides if not o.startswith("tune.")])
     config_from_dict(copy.deepcopy(raw))  # the base config must be valid on its own
     valid = _valid_keys()
@@ -142,6 +145,12 @@ def _check_spec(key: str, spec: Any) -> None:
     if kind in ("grid", "choice"):
         if not isinstance(values, list) or not values:
             raise UserError(f"search.{key}: {kind} needs a non-empty list, got {values!r}")
+        if kind == "grid":  # a repeated value would run the same trials again (choice: a weight)
+            counts = collections.Counter(_hashable(v) for v in values)
+            for value in values:
+                if counts[_hashable(value)] > 1:
+                    raise UserError(f"search.{key}: grid value {value!r} is given more than once "
+                                    f"({counts[_hashable(value)]} times); list each value once")
     else:
         if (not isinstance(values, list) or len(values) != 2
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
@@ -151,6 +160,15 @@ def _check_spec(key: str, spec: Any) -> None:
             raise UserError(f"search.{key}: {kind} needs low < high, got [{low}, {high}]")
         if kind == "loguniform" and low <= 0:
             raise UserError(f"search.{key}: loguniform needs low > 0, got {low}")
+
+
+def _hashable(value: Any) -> Any:
+    """A YAML value as something hashable that compares as the value does (lists as tuples)."""
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return frozenset((k, _hashable(v)) for k, v in value.items())
+    return value
 
 
 def _check_settings(s: TuneSettings) -> None:
@@ -245,12 +263,34 @@ def _grid_point(search: Search, index: int) -> dict[str, Any]:
     return {key: point[key] for key in search.grid_keys}
 
 
+# Grid points a random search considers at most: a grid this small is listed and shuffled whole;
+# a larger one (10^10 points and more, past what a list or a range can hold) is drawn from, point
+# by point, without replacement. Past this many refused points, the draws stop.
+MAX_RANDOM_DRAWS = 100_000
+
+
+def _random_order(size: int, rng: random.Random) -> Iterator[int]:
+    """Distinct grid indices in a seeded random order, at most MAX_RANDOM_DRAWS of them."""
+    if size <= MAX_RANDOM_DRAWS:
+        order = list(range(size))
+        rng.shuffle(order)
+        yield from order
+        return
+    seen: set[int] = set()
+    while len(seen) < MAX_RANDOM_DRAWS:  # size > MAX_RANDOM_DRAWS: it ends
+        index = rng.randrange(size)
+        if index not in seen:
+            seen.add(index)
+            yield index
+
+
 def expand(search: Search) -> tuple[list[Trial], list[str]]:
     """The trials to launch, in launch order, and the reasons the rejected ones were refused.
 
     grid: every grid point x num_samples draws; random: num_samples distinct grid points (each
     with one draw of the distributions), taken without replacement in a seeded order, skipping
-    points the trainer would refuse. Optuna trials are not expanded (see raygpt.search.tune)."""
+    points the trainer would refuse (at most MAX_RANDOM_DRAWS points in all). Optuna trials are
+    not expanded (see raygpt.search.tune)."""
     s = search.settings
     rng = random.Random(s.seed)
     manifest = _manifest(search)
@@ -269,9 +309,7 @@ def expand(search: Search) -> tuple[list[Trial], list[str]]:
         if s.shuffle:
             random.Random(s.seed).shuffle(trials)
     elif s.search_alg == "random":
-        order = list(range(search.grid_size))
-        rng.shuffle(order)  # a seeded order of distinct points: sampling without replacement
-        for index in order:
+        for index in _random_order(search.grid_size, rng):  # without replacement
             if len(trials) == s.num_samples:
                 break
             consider({**_grid_point(search, index), **_draw(search.space, rng)})
