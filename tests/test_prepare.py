@@ -449,7 +449,6 @@ def test_cli_a_damaged_parquet_file_is_named_in_one_line(run_cli, tmp_path):
         assert not (tmp_path / f"o-{name}").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="the fix belongs in raygpt/data/remote.py (prepare_to), outside this change")
 def test_cli_out_uri_of_a_file(run_cli, tmp_path):
     (tmp_path / "a.txt").write_text(DOCS[0] * 5)
     (tmp_path / "afile").write_text("precious")

@@ -86,6 +86,8 @@ def prepare_to(out: str, log: Callable[[str], None] = print, **options: Any) -> 
         return prepare_local(out=out, log=log, **options)
     fs, path = storage.filesystem(out)
     path = path.rstrip("/")
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        raise UserError(f"output {out} is a file, not a folder; choose another --out")
     remote = {i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))}
     old = storage.read_text(storage.join(out, MANIFEST)) if MANIFEST in remote else None
     old_manifest = None
