@@ -86,9 +86,13 @@ def prepare_to(out: str, log: Callable[[str], None] = print, **options: Any) -> 
         return prepare_local(out=out, log=log, **options)
     fs, path = storage.filesystem(out)
     path = path.rstrip("/")
-    if fs.get_file_info(path).type == pafs.FileType.File:
-        raise UserError(f"output {out} is a file, not a folder; choose another --out")
-    remote = {i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))}
+    try:
+        kind = fs.get_file_info(path).type
+        if kind not in (pafs.FileType.Directory, pafs.FileType.NotFound):
+            raise UserError(f"output {out} is a file, not a folder; choose another --out")
+        remote = {i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))}
+    except OSError as exc:  # no permission, storage unreachable
+        raise UserError(f"cannot read --out {out}: {str(exc).splitlines()[0]}") from None
     old = storage.read_text(storage.join(out, MANIFEST)) if MANIFEST in remote else None
     old_manifest = None
     if old is not None:
@@ -115,9 +119,12 @@ def prepare_to(out: str, log: Callable[[str], None] = print, **options: Any) -> 
         if clash:
             raise UserError(f"output {out} holds files named like raygpt's shards ({', '.join(clash[:3])}); "
                             f"choose another --out")
+        try:
+            fs.create_dir(path, recursive=True)
+        except OSError as exc:  # a file on the way to it (file:///a/file/sub), no permission
+            raise UserError(f"cannot write --out {out}: {str(exc).splitlines()[0]}") from None
         if old is not None:
             fs.delete_file(f"{path}/{MANIFEST}")  # until the new shards are all there
-        fs.create_dir(path, recursive=True)
         for name in sorted(names):
             pafs.copy_files(str(local / name), f"{path}/{name}", source_filesystem=pafs.LocalFileSystem(),
                             destination_filesystem=fs)
