@@ -479,3 +479,9 @@ def test_a_missing_path_with_glob_characters_is_still_a_glob(tmp_path):
     (tmp_path / "br1.txt").write_text(DOCS[1])
     prepare_local([str(tmp_path / "br[1].txt")], tmp_path / "o", val_fraction=0.0, **quiet())
     assert decoded_documents(tmp_path / "o")["train"] == [DOCS[1]]
+
+
+def test_a_jsonl_line_nested_past_the_recursion_limit_is_one_line(run_cli, tmp_path):
+    (tmp_path / "deep.jsonl").write_text('{"text": ' + "[" * 200_000 + "]" * 200_000 + "}\n")
+    err = one_line_error(run_cli, "prepare", str(tmp_path / "deep.jsonl"), "--out", str(tmp_path / "out"))
+    assert "deep.jsonl:1: not valid JSON (nested too deeply)" in err

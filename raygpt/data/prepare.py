@@ -207,6 +207,8 @@ def read_documents(path: Path, stats: ReadStats) -> Iterator[str]:
                     record = json.loads(_decode(line, path, stats))
                 except json.JSONDecodeError as exc:
                     raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                except RecursionError:
+                    raise UserError(f"{path}:{lineno}: not valid JSON (nested too deeply)") from None
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                     raise UserError(f"{path}:{lineno}: expected a JSON object with a string 'text' field")
                 if record["text"]:
