@@ -3,8 +3,9 @@ how far each got, its best val loss, when it last changed, and whether someone i
 
 A train run is a folder holding raygpt's run files (`raygpt.runs`: config, metrics log, lease,
 checkpoints); an experiment is a folder holding `search.yaml`, whose trials are the run folders
-`train-<trial id>` inside it (`raygpt.search.tune`). Local folders and storage URIs read the same; only
-one level under the storage folder is looked at. No Ray: this reads files.
+`train-<launch index>` (an Optuna trial: `train-<trial id>`) inside it (`raygpt.search.tune`).
+Local folders and storage URIs read the same; only one level under the storage folder is looked
+at. No Ray: this reads files.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from raygpt import runs, storage
 from raygpt.config import read_stored_yaml
 from raygpt.errors import UserError
 
-# tune.tune_trial trains each trial into <experiment>/train-<trial id>; Tune's own trial folders
+# tune.tune_trial trains each trial into <experiment>/train-<launch index>; Tune's own trial folders
 # beside them hold no raygpt files.
 TRIAL_RUN_PREFIX = "train-"
 _RUN_FILES = {runs.CONFIG_FILE, runs.METRICS_FILE, runs.PROGRESS_FILE, runs.LEASE_FILE}

@@ -2,7 +2,7 @@
 
 It reads the experiment folder's own files only, as data: `search.yaml`, Tune's trial records
 (`raygpt.search.experiment_state`: plain JSON, never unpickled) and each trial's Train run
-folder (`train-<trial id>`: its metrics log and checkpoints). Every path it writes is relative
+folder (`train-<launch index>`: its metrics log and checkpoints). Every path it writes is relative
 to the experiment folder, so a finished experiment copied off a cluster's storage still analyses
 and its checkpoints still load.
 """
@@ -69,7 +69,7 @@ def analyze(experiment_dir: str) -> Analysis:
     for trial in trials:
         hp = trial.hp
         cfg = trial_config(base, hp).to_dict()
-        run_dir = storage.join(experiment_dir, f"train-{trial.trial_id}")
+        run_dir = storage.join(experiment_dir, trial.run)
         log = read_log(run_dir)
         metrics = [r for r in log if is_report_row(r) and "val_loss" in r]
         curves[trial.trial_id] = metrics
@@ -89,6 +89,7 @@ def analyze(experiment_dir: str) -> Analysis:
         time_value = steps if settings.time_attr == "step" else tokens
         rows.append({
             "trial_id": trial.trial_id,
+            "run": trial.run,
             **{key: hp.get(key) for key in varied},
             "best_val_loss": min((r["val_loss"] for r in metrics), default=None),
             "last_val_loss": last.get("val_loss"),

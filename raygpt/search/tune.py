@@ -1,7 +1,7 @@
 """Hyperparameter search on Ray Tune: trials in parallel, ASHA stopping weak ones early.
 
 Each trial trains one config of the search (raygpt.search.spec expands and validates them) into its
-own run folder `train-<trial id>` inside the experiment folder, with the same loop as `raygpt
+own run folder `train-<launch index>` inside the experiment folder, with the same loop as `raygpt
 train`. A 1-worker trial runs the loop inside the Tune trial itself (Tune reserves its worker's
 CPUs/GPU; no Train controller to start); a multi-worker trial builds and fits a TorchTrainer
 (Train V2), whose TuneReportCallback passes reports up to ASHA. Either way a trial reports at
@@ -28,6 +28,7 @@ from raygpt.cluster import resource_shape
 from raygpt.config import Config
 from raygpt.errors import UserError
 from raygpt.runs import SEARCH_FILE, check_storage_root, read_search_file
+from raygpt.search.experiment_state import read_trials
 from raygpt.search.spec import (
     Search,
     Trial,
@@ -146,9 +147,17 @@ def default_max_t(trials: list[Trial], settings: TuneSettings) -> int:
 # ----------------------------------------------------------------------------- one trial
 
 
+def trial_run_name(launch_index: int) -> str:
+    """The run folder of the search's `launch_index`-th configuration (its place in
+    search.yaml's launch order): the same however often the search is resumed, so a resumed
+    trial continues its own run."""
+    return f"train-{launch_index:05d}"
+
+
 def tune_trial(params: dict[str, Any]) -> None:
-    """One trial: the config of its searched values, trained into `train-<trial id>` in the
-    experiment folder (so a retried or restored trial resumes its own run)."""
+    """One trial: the config of its searched values, trained into its run folder in the
+    experiment folder (`trial_run_name`; an Optuna trial's is `train-<trial id>`), so a retried or
+    resumed trial continues its own run."""
     import ray.tune
 
     from raygpt.runs import CONFIG_FILE, RunPaths
@@ -156,9 +165,10 @@ def tune_trial(params: dict[str, Any]) -> None:
     experiment_dir = params["experiment_dir"]
     saved = read_search_file(experiment_dir)
     settings = settings_from_dict(saved["tune"])
-    trial = check_trial(search_base(saved), params["hp"])
+    point = params.get("trial") or {"hp": params["hp"], "run": f"train-{ray.tune.get_context().get_trial_id()}"}
+    trial = check_trial(search_base(saved), point["hp"])
     cfg = trial.config
-    run = RunPaths(experiment_dir, f"train-{ray.tune.get_context().get_trial_id()}")
+    run = RunPaths(experiment_dir, point["run"])
     cfg.run.name = run.name
     # A checkpoint is on storage before ASHA sees the report that saved it (ASHA may stop the
     # trial at that report): no background saves in a trial.
@@ -221,6 +231,27 @@ def _scheduler(settings: TuneSettings, max_t: int):
 # ----------------------------------------------------------------------------- the search
 
 
+def _tuner(first: Config, s: TuneSettings, experiment_dir: str, points: list[dict[str, Any]] | None, searcher: Any,
+           num_trials: int, max_t: int, cap: int) -> Any:
+    """The Tuner of a search (or of a resumed one's unfinished `points`): each grid point carries
+    its searched values and its run folder; an Optuna searcher suggests the values itself."""
+    import ray.tune
+    from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
+
+    storage_root, name = experiment_dir.rsplit("/", 1)
+    space = {"experiment_dir": experiment_dir, **({"hp": {}} if points is None else
+                                                  {"trial": ray.tune.grid_search(points)})}
+    return Tuner(
+        _trainable(first, s),
+        param_space=space,
+        tune_config=TuneConfig(metric=s.metric, mode=s.mode, scheduler=_scheduler(s, max_t),
+                               search_alg=searcher, num_samples=num_trials if searcher else 1,
+                               max_concurrent_trials=cap),
+        run_config=RunConfig(name=name, storage_path=storage_root,
+                             failure_config=FailureConfig(max_failures=s.max_failures)),
+    )
+
+
 def _experiment_name(settings: TuneSettings) -> str:
     return settings.name or f"tune-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
@@ -228,8 +259,6 @@ def _experiment_name(settings: TuneSettings) -> str:
 def run_search(search: Search, *, address: str | None = None, log=print, check_only: bool = False) -> str | None:
     """Launch the search; return the experiment folder (analysed by raygpt.search.analysis).
     `check_only` (`raygpt tune --check`): everything checked and the plan printed, nothing started."""
-    import ray.tune
-    from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
 
     from raygpt.cluster import check_paths_on_nodes, check_resources, start_ray
 
@@ -292,16 +321,8 @@ def run_search(search: Search, *, address: str | None = None, log=print, check_o
         {**base, "search": search.space, "tune": {**vars(s), "name": name}, "launch": launch}, sort_keys=False))
     check_paths_on_nodes({"data.dir": base["data"]["dir"], "experiment folder": experiment_dir})
     # Only the searched values go into Tune's config: its status table shows them as they are.
-    hp = {} if searcher else ray.tune.grid_search([t.overrides for t in trials])
-    tuner = Tuner(
-        _trainable(first, s),
-        param_space={"experiment_dir": experiment_dir, "hp": hp},
-        tune_config=TuneConfig(metric=s.metric, mode=s.mode, scheduler=_scheduler(s, max_t),
-                               search_alg=searcher, num_samples=num_trials if searcher else 1,
-                               max_concurrent_trials=cap),
-        run_config=RunConfig(name=name, storage_path=storage_root,
-                             failure_config=FailureConfig(max_failures=s.max_failures)),
-    )
+    points = None if searcher else [{"hp": t.overrides, "run": trial_run_name(i)} for i, t in enumerate(trials)]
+    tuner = _tuner(first, s, experiment_dir, points, searcher, num_trials, max_t, cap)
     runner = "in the trial" if runs_in_trial(first, s) else "a TorchTrainer each"
     log(f"experiment {name}: {num_trials} trials x {first.run.num_workers} workers ({runner}); {why}")
     log(f"  ASHA on {s.metric} by {s.time_attr} (grace {s.grace_period}, reduction {s.reduction_factor:g}, "
@@ -311,30 +332,36 @@ def run_search(search: Search, *, address: str | None = None, log=print, check_o
 
 
 def resume_search(experiment_dir: str, *, address: str | None = None, log=print) -> str:
-    """Continue an interrupted search: finished trials stay, unfinished ones resume from their
-    checkpoints, errored ones are retried."""
-    from ray.tune import Tuner
-
+    """Continue an interrupted search from raygpt's own files, unpickling nothing: search.yaml's
+    launch order and Tune's trial records read as JSON say which configurations finished; the
+    others (never started, interrupted or in ERROR) run again in a new Tuner over the same
+    experiment folder, each into its own run folder, so it resumes from its newest checkpoint.
+    (Ray's `Tuner.restore` would cloudpickle-load the folder's tuner.pkl and trial states: code
+    anyone who can write to a shared bucket could plant.) An Optuna search cannot resume: its
+    searcher's state exists only as a pickle."""
     from raygpt.cluster import start_ray
+    from raygpt.search.experiment_state import newest_state_file
 
     experiment_dir = storage.resolve_storage(experiment_dir).rstrip("/")
-    if not storage.exists(storage.join(experiment_dir, SEARCH_FILE)) or not Tuner.can_restore(experiment_dir):
+    if not storage.exists(storage.join(experiment_dir, SEARCH_FILE)) or newest_state_file(experiment_dir) is None:
         raise UserError(f"no raygpt experiment to resume in {experiment_dir}")
     saved = read_search_file(experiment_dir)
     settings = settings_from_dict(saved["tune"])
+    launch = saved.get("launch")
+    order = launch.get("order") if isinstance(launch, dict) else None
+    if settings.search_alg == "optuna" or not isinstance(order, list):
+        raise UserError(f"{experiment_dir} is an Optuna search (or has no launch order): it cannot resume without "
+                        "unpickling its searcher's state; start a new search")
+    status = {t.run: t.status for t in read_trials(experiment_dir)}
+    points = [{"hp": hp, "run": trial_run_name(i)} for i, hp in enumerate(order)
+              if status.get(trial_run_name(i)) != "TERMINATED"]
+    log(f"resuming experiment {experiment_dir}: {len(order) - len(points)} of {len(order)} trials finished, "
+        f"{len(points)} to run")
+    if not points:
+        return experiment_dir
     first = trial_config(search_base(saved), {})
     start_ray(address)
-    log(f"resuming experiment {experiment_dir}")
-    try:
-        tuner = Tuner.restore(experiment_dir, trainable=_trainable(first, settings), resume_unfinished=True,
-                              resume_errored=True)
-    except ModuleNotFoundError as exc:
-        # Tune pickles the searcher by module path, and raygpt keeps no alias for a moved module
-        # (raygpt.optuna_search became raygpt.search.optuna_search).
-        if not (exc.name or "").startswith("raygpt"):
-            raise
-        raise UserError(f"{experiment_dir} was saved by an older raygpt (it names the module {exc.name}, which "
-                        "this raygpt does not have): resume it with that version, or start the search again") from None
-    tuner.fit()
+    cap = min(int(launch.get("max_concurrent_trials") or 1), len(points))
+    _tuner(first, settings, experiment_dir, points, None, len(points), int(launch["max_t"]), cap).fit()
     return experiment_dir
 
