@@ -212,3 +212,13 @@ def test_any_hugging_face_config_is_read_or_one_line(tmp_path_factory, config):
         assert isinstance(read_gpt2_config(folder), dict)
     except UserError as exc:
         one_line(exc)
+
+
+@given(content=raw_bytes)
+def test_any_trials_table_is_statuses_or_unknown(tmp_path_factory, content):
+    from raygpt.listing import _ended_trials
+
+    folder = tmp_path_factory.mktemp("t")
+    (folder / runs.TRIALS_CSV).write_bytes(content)
+    statuses = _ended_trials(str(folder))
+    assert statuses is None or all(isinstance(s, str) for s in statuses)
