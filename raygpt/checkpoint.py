@@ -273,14 +273,17 @@ def load_checkpoint(folder: str | Path, with_optimizer: bool = True) -> dict[str
     return out
 
 
+MODEL_DEFAULTS = {"parametrization": "standard", "mup_base_width": 128}
 SHAPE_KEYS = ("embedding_dim", "num_layers", "num_heads", "context_len", "vocabulary_size", "qkv_bias",
               "tie_embeddings")
 
 
 def check_same_shape(checkpoint_model: dict[str, Any], model_cfg: Any, where: str) -> None:
-    """Refuse a checkpoint of a different architecture with one line naming what differs."""
-    diffs = [f"{k} {checkpoint_model.get(k)} vs {getattr(model_cfg, k)}" for k in SHAPE_KEYS
-             if checkpoint_model.get(k) != getattr(model_cfg, k)]
+    """Refuse a checkpoint of a different architecture (or parametrization: a µP run resumed as a
+    standard one would step at other learning rates) with one line naming what differs."""
+    keys = SHAPE_KEYS + ("parametrization",) + (("mup_base_width",) if model_cfg.parametrization == "mup" else ())
+    saved = {**MODEL_DEFAULTS, **checkpoint_model}  # checkpoints from before a key existed had its default
+    diffs = [f"{k} {saved.get(k)} vs {getattr(model_cfg, k)}" for k in keys if saved.get(k) != getattr(model_cfg, k)]
     if diffs:
         raise UserError(f"checkpoint {where} is for a different model shape (checkpoint vs config: {', '.join(diffs)})")
 

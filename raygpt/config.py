@@ -27,6 +27,7 @@ EVAL_MODES = ("spread", "first")
 PRECISIONS = ("auto", "fp32", "bf16")  # train.precision (raygpt.training.speed resolves auto)
 MAX_VOCABULARY = 1 << 20  # far past any uint16 token id; a larger table is a typo, not a model
 STRATEGIES = ("ddp", "fsdp")  # run.strategy (raygpt.training.sharding)
+PARAMETRIZATIONS = ("standard", "mup")  # model.parametrization (raygpt.model)
 # run.accelerator_type: Ray's accelerator types (ray.util.accelerators) and one such GPU's memory in
 # GB, for the memory plan (raygpt.training.memory).
 GPU_MEMORY_GB = {
@@ -392,6 +393,14 @@ def validate(cfg: Config) -> None:
     if m.vocabulary_size > MAX_VOCABULARY:
         raise UserError(f"model.vocabulary_size must be at most {MAX_VOCABULARY:,} (token ids are stored as "
                         f"uint16: below 65,536), got {m.vocabulary_size:,}")
+    if m.parametrization not in PARAMETRIZATIONS:
+        raise UserError(f"model.parametrization must be one of {', '.join(PARAMETRIZATIONS)}, "
+                        f"got {m.parametrization!r}")
+    if m.mup_base_width <= 0:
+        raise UserError(f"model.mup_base_width must be > 0, got {m.mup_base_width}")
+    if m.parametrization == "mup" and m.tie_embeddings:
+        raise UserError("model.parametrization mup with model.tie_embeddings: the shared matrix would be both an "
+                        "input embedding (base lr) and the readout (divided by the width); untie it")
     if r.strategy not in STRATEGIES:
         raise UserError(f"run.strategy must be one of {', '.join(STRATEGIES)}, got {r.strategy!r}")
     if r.use_gpu and r.gpus_per_worker > 1:

@@ -14,6 +14,7 @@ result); no download ever happens here.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -58,8 +59,10 @@ def to_gpt2_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
     """GPT-2 (`GPT2LMHeadModel`) names and layouts for the model's weights: vocabulary rows
     unpadded, Conv1D weights transposed, a missing qkv bias as zeros, a tied head left out (GPT-2
     ties it on load)."""
-    cfg, sd = model.cfg, model.state_dict()
+    cfg, sd = model.cfg, dict(model.state_dict())
     vocab, d = cfg.vocabulary_size, cfg.embedding_dim
+    if cfg.parametrization == "mup":  # µP folded into GPT-2's weights, exactly (`fold_mup`)
+        sd = fold_mup(sd, model)
     out: dict[str, torch.Tensor] = {}
     for name, gpt2 in TOP_NAMES.items():
         if name == "out_head.weight" and cfg.tie_embeddings:
@@ -73,6 +76,25 @@ def to_gpt2_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
                 tensor = torch.zeros(3 * d)
             out[f"transformer.h.{i}.{gpt2}"] = tensor.t() if transposed else tensor
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in out.items()}
+
+
+def fold_mup(sd: dict[str, torch.Tensor], model: GPTModel) -> dict[str, torch.Tensor]:
+    """A µP model's weights as a standard GPT-2 computes the same logits with: GPT-2 scales
+    attention by 1/sqrt(d_head) where µP scales by 1/d_head, so the queries (their rows of qkv,
+    and bias) are divided by sqrt(d_head); the readout multiplier 1/width_mult goes into the head
+    (µP runs are untied, so the embedding is not touched)."""
+    cfg = model.cfg
+    d, head_dim = cfg.embedding_dim, cfg.embedding_dim // cfg.num_heads
+    out = dict(sd)
+    for i in range(cfg.num_layers):
+        for name in ("attn.qkv.weight", "attn.qkv.bias"):
+            key = f"trf_blocks.{i}.{name}"
+            if key in out:
+                tensor = out[key].clone()
+                tensor[:d] /= math.sqrt(head_dim)
+                out[key] = tensor
+    out["out_head.weight"] = out["out_head.weight"] / model.width_mult
+    return out
 
 
 def from_gpt2_state_dict(weights: dict[str, torch.Tensor], model: GPTModel) -> dict[str, torch.Tensor]:
@@ -253,7 +275,10 @@ def check_shape(config: dict[str, Any], model_cfg: Any, folder: str) -> None:
 
 def check_init_from(model_cfg: Any) -> None:
     """Before launch: model.init_from is a GPT-2 folder of the model section's shape (reads only
-    its config.json)."""
+    its config.json), for a run of the standard parametrization (GPT-2's)."""
+    if model_cfg.parametrization != "standard":
+        raise UserError("model.init_from loads GPT-2's weights, trained in the standard parametrization; "
+                        "a model.parametrization mup run starts from its own initialisation")
     check_shape(read_gpt2_config(model_cfg.init_from), model_cfg, model_cfg.init_from)
 
 

@@ -60,6 +60,13 @@ class GPTConfig:
     # Rows of the embedding and output head rounded up to a multiple of this (64: 50,257 -> 50,304)
     # for faster matmuls; logits and loss stay over the real vocabulary. 1: no padding.
     pad_vocab_multiple: int = 1
+    # standard: GPT-2's. mup: the Maximal Update Parametrization (Tensor Programs V), relative to a
+    # model of width mup_base_width, so the best learning rate found at a small width holds at a
+    # large one: attention logits scaled by 1/d_head (not 1/sqrt(d_head)), the output logits
+    # divided by width_mult = embedding_dim / mup_base_width, hidden matrices initialised with std
+    # 0.02 / sqrt(width_mult) and stepped at lr / width_mult (`mup_lr_scale`).
+    parametrization: str = "standard"
+    mup_base_width: int = 128  # the tiny preset's width
 
 
 class CausalSelfAttention(nn.Module):
@@ -71,6 +78,8 @@ class CausalSelfAttention(nn.Module):
             )
         self.num_heads = cfg.num_heads
         self.dropout = cfg.dropout
+        # µP: q.k / d_head (keys and queries grow correlated with width); None: SDPA's 1/sqrt(d_head).
+        self.scale = (cfg.num_heads / cfg.embedding_dim) if cfg.parametrization == "mup" else None
         self.qkv = nn.Linear(cfg.embedding_dim, 3 * cfg.embedding_dim, bias=cfg.qkv_bias)
         self.out_proj = nn.Linear(cfg.embedding_dim, cfg.embedding_dim)
         self.resid_dropout = nn.Dropout(cfg.dropout)
@@ -81,7 +90,7 @@ class CausalSelfAttention(nn.Module):
         # (b, t, d) -> (b, heads, t, head_dim)
         q, k, v = (z.view(b, t, self.num_heads, d // self.num_heads).transpose(1, 2) for z in (q, k, v))
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True, scale=self.scale
         )
         y = y.transpose(1, 2).contiguous().view(b, t, d)
         return self.resid_dropout(self.out_proj(y))
@@ -114,6 +123,21 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.norm2(x))
 
 
+def mup_hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """The weights whose both dimensions grow with the width (attention and MLP matrices): µP
+    scales their init and their AdamW learning rate; embeddings, the readout, biases and LayerNorms
+    keep the base ones."""
+    return [m.weight for block in model.trf_blocks for m in (block.attn.qkv, block.attn.out_proj, block.ff.fc,
+                                                            block.ff.proj)]
+
+
+def mup_lr_scale(model: nn.Module) -> dict[int, float]:
+    """id(parameter) -> its learning-rate multiplier under µP (1 / width_mult for hidden
+    matrices); empty under the standard parametrization."""
+    width_mult = getattr(model, "width_mult", 1.0)
+    return {} if width_mult == 1.0 else {id(w): 1.0 / width_mult for w in mup_hidden_matrices(model)}
+
+
 class GPTModel(nn.Module):
     def __init__(
         self,
@@ -126,13 +150,17 @@ class GPTModel(nn.Module):
         qkv_bias: bool = False,
         tie_embeddings: bool = False,
         pad_vocab_multiple: int = 1,
+        parametrization: str = "standard",
+        mup_base_width: int = 128,
     ):
         super().__init__()
         self.activation_checkpointing = False  # a training setting, not part of the shape
         cfg = GPTConfig(
             embedding_dim, num_layers, num_heads, context_len, vocabulary_size, dropout, qkv_bias,
-            tie_embeddings, pad_vocab_multiple,
+            tie_embeddings, pad_vocab_multiple, parametrization, mup_base_width,
         )
+        # µP's width multiplier (1 under the standard parametrization, which it leaves bitwise as it was).
+        self.width_mult = embedding_dim / mup_base_width if parametrization == "mup" else 1.0
         self.cfg = cfg
         self.padded_vocab = padded_vocab_size(vocabulary_size, pad_vocab_multiple)
         self.tok_emb = nn.Embedding(vocabulary_size, embedding_dim)
@@ -176,6 +204,10 @@ class GPTModel(nn.Module):
         for block in self.trf_blocks:
             nn.init.normal_(block.attn.out_proj.weight, mean=0.0, std=resid_std)
             nn.init.normal_(block.ff.proj.weight, mean=0.0, std=resid_std)
+        if self.width_mult != 1.0:  # µP: hidden matrices' std as 1/sqrt(fan_in), the base width's at it
+            with torch.no_grad():
+                for weight in mup_hidden_matrices(self):
+                    weight.mul_(1.0 / math.sqrt(self.width_mult))
 
     def num_parameters(self) -> int:
         """Parameters counted once each (a tied head shares the token embedding), without the
@@ -198,6 +230,8 @@ class GPTModel(nn.Module):
         else:
             x = self.trf_blocks(x)
         logits = self.out_head(self.final_norm(x))
+        if self.width_mult != 1.0:  # µP's readout multiplier (not zero-init: the same model at the base width)
+            logits = logits / self.width_mult
         return logits if self.padded_vocab == self.cfg.vocabulary_size else logits[..., : self.cfg.vocabulary_size]
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):

@@ -24,7 +24,7 @@ from raygpt.data.remote import local_shards
 from raygpt.data.sampler import GlobalBatchSampler
 from raygpt.data.shards import load_manifest
 from raygpt.data.windows import WindowDataset
-from raygpt.model import GPTModel, fit_rows
+from raygpt.model import GPTModel, fit_rows, mup_lr_scale
 from raygpt.training import recovery, speed
 from raygpt.training.evaluation import EvalSets
 from raygpt.training.memory import check_device_memory
@@ -45,7 +45,8 @@ def wrap_for_training(model: torch.nn.Module, rt: Runtime, compile_model: bool) 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     """AdamW; by default every parameter decays (the recipe); `decay_matrices_only` spares biases,
-    LayerNorm and embeddings."""
+    LayerNorm and embeddings. Under µP the hidden matrices get groups of their own whose
+    `lr_scale` (1 / width_mult) `train_step` applies to the scheduled lr."""
     if optim.decay_matrices_only:
         no_decay = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
         decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in no_decay]
@@ -53,6 +54,12 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.A
         groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     else:
         groups = [{"params": list(model.parameters()), "weight_decay": optim.weight_decay}]
+    scale = mup_lr_scale(model)
+    if scale:  # split each group: its µP hidden matrices, and the rest at the base lr
+        groups = [g for group in groups for g in (
+            {**group, "params": [p for p in group["params"] if id(p) not in scale]},
+            {**group, "params": [p for p in group["params"] if id(p) in scale],
+             "lr_scale": next(iter(scale.values()))}) if g["params"]]
     device = next(model.parameters()).device
     return speed.adamw(groups, optim.peak_lr, tuple(optim.betas), optim.eps, speed.fused_adamw(optim.fused, device))
 

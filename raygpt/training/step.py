@@ -92,8 +92,8 @@ def train_step(
     before the optimizer runs, so the weights stay as they were (`step_label` names the step).
     `mean_loss`: also the loss over all micro-batches and (under torch.distributed) all workers,
     read back in the same host sync as the norm (a collective: every rank passes the same)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    for group in optimizer.param_groups:  # µP's hidden-matrix groups step at a fraction of it
+        group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
     torch.manual_seed(seed)
     loss_sum = torch.zeros((), device=device) if mean_loss else None
     for micro in range(grad_accum_steps):
