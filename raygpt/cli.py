@@ -124,6 +124,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--check", action="store_true",
                    help="check the config, data (shard hashes too) and run folder as a launch would, "
                         "print the plan, start nothing")
+    p.add_argument("--set-from", metavar="CONFIG",
+                   help="take whole sections from another config, e.g. a search's best_config.yaml (--keys)")
+    p.add_argument("--keys", default="optim", help="the sections --set-from takes, comma-separated (default optim)")
     p.set_defaults(func=_run_train)
 
 
@@ -134,11 +137,13 @@ def _run_train(args: argparse.Namespace) -> None:
     from raygpt.runs import resume_paths
     from raygpt.training.ray_train import run_config, train
 
+    if args.resume and args.set_from:
+        raise UserError("--set-from starts a run from another config's sections; --resume keeps the run's own config")
     if args.resume and not args.config:
         where = load_config(None, [o for o in args.overrides if o.startswith("run.storage_path=")])
         cfg = run_config(resume_paths(args.resume, where.run.storage_path), args.overrides)
     else:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, args.set_from, tuple(k for k in args.keys.split(",") if k))
     from raygpt.training.memory import check_memory_plan
 
     check_memory_plan(cfg)  # from the config alone: before the data is looked at

@@ -348,17 +348,48 @@ def read_stored_yaml(uri: str, what: str) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config file (or start from defaults when `path` is None) and apply overrides."""
-    raw: Any = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
-        raw = read_yaml_file(path, "config file") or {}
-        if not isinstance(raw, dict):
-            raise UserError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+TRANSFERABLE = ("optim", "train")  # what --set-from may carry from one config to another
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                set_from: str | Path | None = None, keys: tuple[str, ...] = ("optim",)) -> Config:
+    """Read a YAML config file (or start from defaults when `path` is None), take the sections
+    `keys` whole from the config file `set_from` (a search's best_config.yaml: tune small, train
+    big), then apply overrides."""
+    raw = _read_config_file(path) if path is not None else {}
+    if set_from is not None:
+        raw = _take_sections(raw, set_from, keys, overrides)
     return config_from_dict(apply_overrides(raw, list(overrides)))
+
+
+def _read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    raw = read_yaml_file(path, "config file") or {}
+    if not isinstance(raw, dict):
+        raise UserError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def _take_sections(raw: dict[str, Any], set_from: str | Path, keys: tuple[str, ...],
+                   overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`raw` with the sections `keys` of the config `set_from`. Carrying a learning rate across
+    widths holds under µP with the same base width; across parametrizations or base widths it
+    means nothing, and is refused."""
+    bad = [k for k in keys if k not in TRANSFERABLE]
+    if bad or not keys:
+        raise UserError(f"--keys takes sections of {', '.join(TRANSFERABLE)}, got {','.join(keys) or 'nothing'}")
+    source = config_from_dict(_read_config_file(set_from))
+    target = config_from_dict(apply_overrides(raw, list(overrides))).model
+    for key in ("parametrization", "mup_base_width"):
+        if (key == "parametrization" or target.parametrization == "mup") and \
+                getattr(source.model, key) != getattr(target, key):
+            raise UserError(f"--set-from {set_from}: its model.{key} is {getattr(source.model, key)!r}, this "
+                            f"config's {getattr(target, key)!r}; searched settings carry over only between models "
+                            "of the same parametrization and base width")
+    taken = source.to_dict()
+    return {**raw, **{k: taken[k] for k in keys}}
 
 
 def is_plain_name(name: str) -> bool:

@@ -115,3 +115,23 @@ def test_a_checkpoint_resumes_only_in_its_own_parametrization():
     with pytest.raises(UserError, match="mup_base_width 64 vs 128"):
         check_same_shape({**vars(mup), "mup_base_width": 64}, mup, "c")
     assert math.isclose(GPTModel.from_config(mup).width_mult, 1.0)  # tiny is the default base width
+
+
+def test_a_searched_optimizer_section_carries_to_a_bigger_model_of_the_same_parametrization(tmp_path):
+    import yaml
+
+    small = load_config(None, ["model.preset=tiny", "model.parametrization=mup", "optim.peak_lr=0.0123",
+                               "optim.warmup_steps=7", "train.batch_size=4"])
+    (tmp_path / "best_config.yaml").write_text(yaml.safe_dump(small.to_dict()))
+    big = ["model.preset=gpt2-small", "model.parametrization=mup"]
+    cfg = load_config(None, big, set_from=tmp_path / "best_config.yaml")
+    assert (cfg.optim.peak_lr, cfg.optim.warmup_steps, cfg.model.embedding_dim) == (0.0123, 7, 768)
+    assert cfg.train.batch_size != 4  # only --keys' sections (optim by default)
+    assert load_config(None, big + ["optim.peak_lr=0.001"], set_from=tmp_path / "best_config.yaml").optim.peak_lr \
+        == 0.001  # --set still wins
+    with pytest.raises(UserError, match="its model.parametrization is 'mup', this config's 'standard'"):
+        load_config(None, ["model.preset=gpt2-small"], set_from=tmp_path / "best_config.yaml")
+    with pytest.raises(UserError, match="its model.mup_base_width is 128, this config's 256"):
+        load_config(None, big + ["model.mup_base_width=256"], set_from=tmp_path / "best_config.yaml")
+    with pytest.raises(UserError, match="--keys takes sections of optim, train, got model"):
+        load_config(None, big, set_from=tmp_path / "best_config.yaml", keys=("model",))
