@@ -80,6 +80,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     bc.add_argument("--s3", default="moto", help="an S3 URI to save to as well, 'moto' (an S3 API on loopback, "
                     "the default) or 'none'")
     bc.set_defaults(func=_run_bench_checkpoint)
+    bm = what.add_parser("mup-coord", help="µP's coordinate check: mean |activation| per layer vs width, both "
+                         "parametrizations")
+    bm.add_argument("--widths", default="64,128,256,512,1024", help="comma-separated (default 64,...,1024)")
+    bm.add_argument("--steps", type=int, default=4, help="AdamW steps (default 4)")
+    bm.add_argument("--lr", type=float, default=0.01, help="the learning rate every width trains at (default 0.01)")
+    bm.add_argument("--out", default="mup_coord", help="folder for mup_coord.png (default mup_coord)")
+    bm.set_defaults(func=_run_bench_mup_coord)
     bt = what.add_parser("tune", help="the same 16-configuration grid with and without ASHA")
     bt.add_argument("--address", help="Ray cluster to join (default: start a local Ray)")
     bt.add_argument("--data", default="data/stdlib", help="prepared data (default data/stdlib, prepared if missing)")
@@ -103,6 +110,16 @@ def _run_bench_checkpoint(args: argparse.Namespace) -> None:
     if args.repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {args.repeats}")
     bench_checkpoint(args.preset, args.repeats, args.s3)
+
+
+def _run_bench_mup_coord(args: argparse.Namespace) -> None:
+    from raygpt.bench.mup_coord import bench_mup_coord
+
+    try:
+        widths = [int(w) for w in args.widths.split(",") if w.strip()]
+    except ValueError:
+        raise UserError(f"--widths takes comma-separated whole numbers, got {args.widths!r}") from None
+    bench_mup_coord(widths, args.steps, args.lr, out=args.out)
 
 
 def _run_bench_prepare(args: argparse.Namespace) -> None:

@@ -135,3 +135,20 @@ def test_a_searched_optimizer_section_carries_to_a_bigger_model_of_the_same_para
         load_config(None, big + ["model.mup_base_width=256"], set_from=tmp_path / "best_config.yaml")
     with pytest.raises(UserError, match="--keys takes sections of optim, train, got model"):
         load_config(None, big, set_from=tmp_path / "best_config.yaml", keys=("model",))
+
+
+@pytest.mark.slow
+def test_the_coordinate_check_is_flat_under_mup_and_grows_under_standard(tmp_path):
+    """Widths 64 -> 512, 3 AdamW steps at lr 0.01: after the steps, each hidden layer type's
+    mean |activation| grows with width under the standard parametrization and stays within a few
+    x under µP (the full check: `raygpt bench mup-coord`)."""
+    pytest.importorskip("matplotlib")
+    from raygpt.bench.mup_coord import bench_mup_coord
+
+    result = bench_mup_coord([64, 512], steps=3, out=str(tmp_path), log=lambda line: None)
+    for layer in ("attention", "mlp", "block"):
+        assert result["growth"]["standard"][layer] > 8, (layer, result["growth"])
+        assert result["growth"]["mup"][layer] < 3, (layer, result["growth"])
+    assert (tmp_path / "mup_coord.png").stat().st_size > 10_000
+    with pytest.raises(UserError, match="--widths must be positive multiples of 32"):
+        bench_mup_coord([48], out=str(tmp_path))
