@@ -146,13 +146,9 @@ class Reporter:
         has no state.json."""
         shards = stack.enter_context(tempfile.TemporaryDirectory(prefix="raygpt-shards-"))
         ckpt.save_sharded(shards, plain_model(self.model), self.optimizer)
-        target = storage.join(self.rt.run_dir, name)
-        storage.upload_files(shards, target, [n for n in os.listdir(shards) if n != ckpt.SHARDED_INDEX])
-        if dist.is_initialized():
-            dist.barrier()
+        store_shards(shards, storage.join(self.rt.run_dir, name), self.rank0)
         if not self.rank0:
             return None
-        storage.upload_files(shards, target, [ckpt.SHARDED_INDEX])
         folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="raygpt-ckpt-"))
         ckpt.write_state(folder, state)
         return folder
@@ -172,10 +168,8 @@ class Reporter:
             def work() -> None:
                 try:
                     written.result()
-                    storage.upload_files(shards, target, [n for n in os.listdir(shards) if n != ckpt.SHARDED_INDEX])
-                    dist.barrier(group=group)  # every rank's shards are stored
+                    store_shards(shards, target, rank0, group)
                     if rank0:
-                        storage.upload_files(shards, target, [ckpt.SHARDED_INDEX])
                         with tempfile.TemporaryDirectory(prefix="raygpt-ckpt-") as folder:
                             ckpt.write_state(folder, fields)
                             storage.upload_files(folder, target)
@@ -227,6 +221,16 @@ class Reporter:
             self.progress.close()
         if self.tensorboard:
             self.tensorboard.close()
+
+
+def store_shards(shards: str, target: str, rank0: bool, group: Any = None) -> None:
+    """Every rank stores its shard files in the checkpoint folder `target`; once all have (a
+    barrier over `group`), rank 0 stores the index. state.json, after it, is the caller's."""
+    storage.upload_files(shards, target, [n for n in os.listdir(shards) if n != ckpt.SHARDED_INDEX])
+    if dist.is_initialized():
+        dist.barrier(group=group)
+    if rank0:
+        storage.upload_files(shards, target, [ckpt.SHARDED_INDEX])
 
 
 def plain_model(model: torch.nn.Module) -> torch.nn.Module:
