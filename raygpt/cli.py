@@ -255,6 +255,30 @@ def _run_generate(args: argparse.Namespace) -> None:
     print(generate_text(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="multiple-choice accuracy of a checkpoint (HellaSwag or your own jsonl), "
+                                    "scored as lm-evaluation-harness scores it")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint folder, a run folder (its newest), or a storage URI")
+    p.add_argument("--task", required=True, help="hellaswag (its published jsonl) or multiple_choice "
+                                                 '(jsonl rows {"context", "choices", "label"})')
+    p.add_argument("--data", required=True, help="the jsonl file (a path or storage URI)")
+    p.add_argument("--limit", type=int, default=None, help="score the first N items only")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
+    p.add_argument("--out", default=None, help="where to write the scores as JSON (default: eval_<task>.json)")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+    from raygpt.multiple_choice import check_task, evaluate_checkpoint
+
+    check_task(args.task, "--task")
+    out = args.out or f"eval_{args.task}.json"
+    r = evaluate_checkpoint(args.checkpoint, args.task, args.data, args.limit, args.batch_size, out)
+    print(f"{r['task']}: acc {r['acc']:.4f} | acc_norm {r['acc_norm']:.4f} | {r['items']:,} items | "
+          f"step {r['step']} | {r['seconds']:.1f} s -> {out}")
+
+
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 folder (transformers loads it)")
     p.add_argument("--checkpoint", required=True,
@@ -313,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tune(sub)
     _add_analyze(sub)
     _add_generate(sub)
+    _add_eval(sub)
     _add_export(sub)
     _add_runs(sub)
     _add_bench(sub)
