@@ -28,6 +28,8 @@ PRECISIONS = ("auto", "fp32", "bf16")  # train.precision (raygpt.training.speed 
 MAX_VOCABULARY = 1 << 20  # far past any uint16 token id; a larger table is a typo, not a model
 STRATEGIES = ("ddp", "fsdp")  # run.strategy (raygpt.training.sharding)
 PARAMETRIZATIONS = ("standard", "mup")  # model.parametrization (raygpt.model)
+EVAL_TASKS = ("hellaswag", "multiple_choice")  # train.evals tasks (raygpt.multiple_choice)
+EVAL_KEYS = ("task", "data", "every", "limit", "name")
 # run.accelerator_type: Ray's accelerator types (ray.util.accelerators) and one such GPU's memory in
 # GB, for the memory plan (raygpt.training.memory).
 GPU_MEMORY_GB = {
@@ -98,6 +100,12 @@ class TrainConfig:
     precision: str = "auto"
     tf32: bool = True  # fp32 matmuls on tensor cores (GPUs only)
     compile: bool = False  # torch.compile the model (a compile pause at start, faster steps after)
+    # Multiple-choice evals during training (raygpt.multiple_choice), each
+    # {task: hellaswag | multiple_choice, data: jsonl path or URI, every: steps (a multiple of
+    # eval_freq), limit: first N items (null: all), name: metric prefix (default: the task)}:
+    # scored at step 0, every `every` steps and at the end, split over the workers, logged as
+    # <name>_acc and <name>_acc_norm (a search can rank on them: tune.metric, tune.mode max).
+    evals: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -483,3 +491,40 @@ def validate(cfg: Config) -> None:
         raise UserError(f"fault.crash_at_step must be > 0 (or null: off), got {f.crash_at_step}")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         raise UserError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    t.evals = check_evals(t.evals, t.eval_freq)
+
+
+def check_evals(evals: list[dict], eval_freq: int) -> list[dict]:
+    """train.evals with every key filled in (limit None, name = task), or a one-line error."""
+    out, names = [], set()
+    for i, e in enumerate(evals):
+        where = f"train.evals[{i}]"
+        unknown = sorted(set(e) - set(EVAL_KEYS))
+        if unknown:
+            raise UserError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(EVAL_KEYS)}")
+        e = {"limit": None, **e}
+        e.setdefault("name", e.get("task"))
+        if e.get("task") not in EVAL_TASKS:
+            raise UserError(f"{where}.task must be one of {', '.join(EVAL_TASKS)}, got {e.get('task')!r}")
+        if not isinstance(e.get("data"), str) or not e["data"]:
+            raise UserError(f"{where}.data must be the path or URI of a jsonl file, got {e.get('data')!r}")
+        every = e.get("every")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1 or every % eval_freq:
+            raise UserError(f"{where}.every must be a positive multiple of train.eval_freq ({eval_freq}): evals "
+                            f"run at reports, got {every!r}")
+        limit = e["limit"]
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise UserError(f"{where}.limit must be a positive number of items (or null: all), got {limit!r}")
+        if not isinstance(e["name"], str) or not re.fullmatch(r"[a-z][a-z0-9_]*", e["name"]):
+            raise UserError(f"{where}.name must be lower-case letters, digits and '_' (a metric prefix), "
+                            f"got {e['name']!r}")
+        if e["name"] in names:
+            raise UserError(f"{where}.name {e['name']!r} is used twice: give each eval its own name")
+        names.add(e["name"])
+        out.append({k: e[k] for k in EVAL_KEYS})
+    return out
+
+
+def eval_metrics(evals: list[dict]) -> list[str]:
+    """The metrics train.evals adds to every report."""
+    return [f"{e.get('name') or e.get('task')}_{score}" for e in evals for score in ("acc", "acc_norm")]

@@ -24,10 +24,10 @@ from typing import Any
 import torch
 
 from raygpt import storage
+from raygpt.config import EVAL_TASKS as TASKS
 from raygpt.errors import UserError
 from raygpt.tokenizer import EOT_ID, gpt2_encoding
 
-TASKS = ("hellaswag", "multiple_choice")
 TARGET_DELIMITER = " "  # between context and choice, as the harness's default target_delimiter
 
 
@@ -147,16 +147,22 @@ def item_requests(item: Item, context_len: int, where: str = "item") -> list[tup
 @torch.no_grad()
 def loglikelihoods(model: torch.nn.Module, requests: Sequence[tuple[list[int], list[int]]], context_len: int,
                    device: torch.device, batch_size: int = 16,
-                   autocast: Callable[[], Any] | None = None) -> list[float]:
+                   autocast: Callable[[], Any] | None = None, forwards: int = 0) -> list[float]:
     """The summed log-probability of each request's continuation given its context, in float64.
     Inputs are the last context_len tokens of context+continuation minus the final one, right
-    padded in batches of similar length (longest first, as the harness orders them)."""
+    padded in batches of similar length (longest first, as the harness orders them). `forwards`:
+    run at least this many forward passes, the extra ones on a throwaway input (a sharded model's
+    forward is a collective: every rank must run as many)."""
     order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
     out = [0.0] * len(requests)
     was_training = model.training
     model.eval()
-    for start in range(0, len(order), batch_size):
+    for start in range(0, max(len(order), forwards * batch_size), batch_size):
         chunk = order[start:start + batch_size]
+        if not chunk:
+            with autocast() if autocast else contextlib.nullcontext():
+                model(torch.full((1, 1), EOT_ID, dtype=torch.long, device=device))
+            continue
         inputs = [(requests[i][0] + requests[i][1])[-(context_len + 1):][:-1] for i in chunk]
         width = max(len(x) for x in inputs)
         x = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -217,3 +223,18 @@ def evaluate_checkpoint(checkpoint: str, task: str, data: str, limit: int | None
     if out:
         storage.write_text(storage.resolve_storage(out), json.dumps(result, indent=1) + "\n")
     return result
+
+
+def check_eval_data(evals: list[dict[str, Any]], context_len: int) -> list[str]:
+    """train.evals' files read and every choice tokenized before a launch (a bad row or an
+    over-long choice is refused here, in one line, not in a worker); one line of cost per eval:
+    items, choices and the tokens one scoring reads."""
+    lines = []
+    for spec in evals:
+        items = read_items(spec["data"], spec["task"], spec["limit"])
+        requests = [r for n, item in enumerate(items)
+                    for r in item_requests(item, context_len, f"{spec['data']} item {n}")]
+        tokens = sum(min(len(ctx) + len(cont) - 1, context_len) for ctx, cont in requests)
+        lines.append(f"eval {spec['name']} ({spec['task']}, every {spec['every']} steps): {len(items):,} items, "
+                     f"{len(requests):,} choices, {tokens:,} tokens forward per scoring")
+    return lines

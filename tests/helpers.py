@@ -208,3 +208,40 @@ def plant_pickles(experiment: Path, marker: Path) -> Path:
     for pkl in experiment.rglob("*.pkl"):
         pkl.write_bytes(payload)
     return marker
+
+
+def own_text_items(text: str, seed: int = 0) -> list:
+    """A generic eval from training text: at every space inside a line, the text so far is the
+    context and the rest of the line the right choice, beside 3 other lines' rests."""
+    heads, tails, pos = [], [], 0
+    for line in text.splitlines(keepends=True):
+        for cut in [i for i, ch in enumerate(line) if ch == " " and line[:i].strip() and line[i + 1:].strip()]:
+            heads.append(text[:pos + cut])
+            tails.append(line[cut + 1:].rstrip("\n"))
+        pos += len(line)
+    import random
+
+    from raygpt.multiple_choice import Item
+
+    rng, items = random.Random(seed), []
+    for head, tail in zip(heads, tails):
+        choices = rng.sample(sorted({t for t in tails if t != tail}), 3) + [tail]
+        rng.shuffle(choices)
+        items.append(Item(head, tuple(choices), choices.index(tail)))
+    return items
+
+
+def write_choice_files(folder: Path) -> tuple[Path, Path]:
+    """The code corpus's first document as a generic eval (own.jsonl, 20 items) and the same
+    items in HellaSwag's schema (hellaswag.jsonl)."""
+    items = own_text_items("# file 0\n" + CORPUS.replace("10", "3"))
+    own, hs = folder / "own.jsonl", folder / "hellaswag.jsonl"
+    own.write_text("".join(json.dumps({"context": i.context, "choices": list(i.choices), "label": i.label}) + "\n"
+                           for i in items))
+    def plain(text: str) -> str:  # HellaSwag's preprocessing drops [...] (WikiHow's headers)
+        return text.replace("[", "(").replace("]", ")")
+
+    hs.write_text("".join(json.dumps({"activity_label": "Code", "ctx_a": plain(i.context), "ctx_b": "",
+                                      "endings": [plain(c) for c in i.choices], "label": i.label}) + "\n"
+                          for i in items))
+    return own, hs

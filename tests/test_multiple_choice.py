@@ -3,7 +3,6 @@ bad files, `raygpt eval`, and (slow) exact agreement with lm-evaluation-harness 
 
 import json
 import os
-import random
 import subprocess
 import sys
 import textwrap
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import own_text_items
 
 from raygpt.errors import UserError
 from raygpt.model import GPTModel
@@ -148,23 +148,6 @@ def test_limit_takes_the_first_items_and_bad_arguments_are_refused(tmp_path):
         read_items(str(tmp_path / "missing.jsonl"), "hellaswag")
 
 
-def own_text_items(text: str, seed: int = 0) -> list[Item]:
-    """A generic eval from training text: at every space inside a line, the text so far is the
-    context and the rest of the line the right choice, beside 3 other lines' rests."""
-    heads, tails, pos = [], [], 0
-    for line in text.splitlines(keepends=True):
-        for cut in [i for i, ch in enumerate(line) if ch == " " and line[:i].strip() and line[i + 1:].strip()]:
-            heads.append(text[:pos + cut])
-            tails.append(line[cut + 1:].rstrip("\n"))
-        pos += len(line)
-    rng, items = random.Random(seed), []
-    for head, tail in zip(heads, tails):
-        choices = rng.sample(sorted({t for t in tails if t != tail}), 3) + [tail]
-        rng.shuffle(choices)
-        items.append(Item(head, tuple(choices), choices.index(tail)))
-    return items
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A tiny model (context 32) trained 60 steps on the code corpus, and its HF export."""
@@ -183,12 +166,10 @@ def trained_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_trained_tiny_model_scores_above_chance_on_its_own_training_text(trained_run, run_cli):
-    from helpers import CORPUS
+    from helpers import write_choice_files
 
-    items = own_text_items("# file 0\n" + CORPUS.replace("10", "3"))
-    path = trained_run / "own.jsonl"
-    path.write_text("".join(json.dumps({"context": i.context, "choices": list(i.choices), "label": i.label}) + "\n"
-                            for i in items))
+    path, _ = write_choice_files(trained_run)
+    items = read_items(str(path), "multiple_choice")
     code, out, err = run_cli("eval", "--checkpoint", str(trained_run / "run"), "--task", "multiple_choice",
                              "--data", str(path), "--out", str(trained_run / "own.json"))
     assert code == 0, err

@@ -57,7 +57,7 @@ class Analysis:
 def analyze(experiment_dir: str) -> Analysis:
     experiment_dir = storage.resolve_storage(experiment_dir).rstrip("/")
     search = read_search_file(experiment_dir)
-    settings = settings_from_dict(search["tune"])
+    settings = settings_from_dict(search["tune"], search_base(search))
     launch = search.get("launch") or {}
     max_t = launch.get("max_t")
     planned = {_key(o): t for o, t in zip(launch.get("order") or [], launch.get("total_steps") or [])}
@@ -93,6 +93,7 @@ def analyze(experiment_dir: str) -> Analysis:
             **{key: hp.get(key) for key in varied},
             "best_val_loss": min((r["val_loss"] for r in metrics), default=None),
             "last_val_loss": last.get("val_loss"),
+            **_ranked_metric(log, settings),
             "steps": steps,
             "total_steps": total_steps,
             "tokens": tokens,
@@ -103,9 +104,24 @@ def analyze(experiment_dir: str) -> Analysis:
             "best_checkpoint": os.path.relpath(best_uri, experiment_dir) if best_uri and not storage.is_uri(best_uri)
             else (best_uri[len(experiment_dir) + 1:] if best_uri else None),
         })
-    rows.sort(key=lambda r: (r["best_val_loss"] is None, r["best_val_loss"] if r["best_val_loss"] is not None else 0))
+    best = f"best_{settings.metric}" if settings.metric != "val_loss" and any(
+        f"best_{settings.metric}" in r for r in rows) else "best_val_loss"
+    sign = -1 if best != "best_val_loss" and settings.mode == "max" else 1
+    # best first by the search's own metric (tune.metric and tune.mode); trials without it last
+    rows.sort(key=lambda r: (r.get(best) is None, sign * r[best] if r.get(best) is not None else 0))
     return Analysis(experiment_dir, rows, varied, curves, configs, settings, trained, full,
                     launch.get("concurrency", ""), errors, step_curves)
+
+
+def _ranked_metric(log: list[dict[str, Any]], settings: TuneSettings) -> dict[str, Any]:
+    """best_<metric> and last_<metric> of a search that ranks on a metric other than val loss (a
+    train.evals score, tokens/s, ...), from the report rows where it was measured."""
+    metric = settings.metric
+    if metric == "val_loss":
+        return {}
+    values = [r[metric] for r in log if is_report_row(r) and r.get(metric) is not None]
+    pick = max if settings.mode == "max" else min
+    return {f"best_{metric}": pick(values, default=None), f"last_{metric}": values[-1] if values else None}
 
 
 def _key(overrides: dict[str, Any]) -> str:
@@ -216,8 +232,10 @@ def plot_curves(analysis: Analysis, path: str) -> None:
 
 
 def format_trials_table(analysis: Analysis) -> str:
-    keys = ["trial_id", *analysis.varied, "best_val_loss", "last_val_loss", "steps", "tokens", "stopped_early",
-            "rung", "status", "best_checkpoint"]
+    ranked = [k for k in (f"best_{analysis.settings.metric}", f"last_{analysis.settings.metric}")
+              if analysis.rows and k in analysis.rows[0] and k not in ("best_val_loss", "last_val_loss")]
+    keys = ["trial_id", *analysis.varied, *ranked, "best_val_loss", "last_val_loss", "steps", "tokens",
+            "stopped_early", "rung", "status", "best_checkpoint"]
 
     def cell(v: Any) -> str:
         if isinstance(v, float):
@@ -246,9 +264,12 @@ def report_search(experiment_dir: str, out_dir: str | None = None, log=print) ->
         raise UserError(f"experiment {experiment_dir} has no trials")
     log(format_trials_table(analysis))
     paths = write_outputs(analysis, out_dir)
-    best = analysis.rows[0]
+    best, metric = analysis.rows[0], analysis.settings.metric
     if best["best_val_loss"] is None:
         log("no trial reported a val loss")
+    elif best.get(f"best_{metric}") is not None and metric != "val_loss":
+        log(f"best trial {best['trial_id']}: {metric} {best[f'best_{metric}']:.4f} (val loss "
+            f"{best['best_val_loss']:.4f}), checkpoint {best['best_checkpoint']}")
     else:
         log(f"best trial {best['trial_id']}: val loss {best['best_val_loss']:.4f}, "
             f"checkpoint {best['best_checkpoint']}")

@@ -30,6 +30,7 @@ from raygpt.config import (
     apply_overrides,
     coerce,
     config_from_dict,
+    eval_metrics,
     is_plain_name,
     read_yaml_file,
 )
@@ -121,20 +122,22 @@ def parse_search(raw: dict[str, Any], overrides: list[str] = ()) -> Search:
         if key.startswith("run.") or key == "data.dir":
             raise UserError(f"search key {key!r}: run settings and the data folder are fixed for a search")
         _check_spec(key, spec)
-    settings = settings_from_dict(settings_raw)
+    settings = settings_from_dict(settings_raw, raw)
     search = Search(raw, space, settings)
     _check_sampling(search)
     return search
 
 
-def settings_from_dict(raw: dict[str, Any]) -> TuneSettings:
-    """Typed, validated Tune settings; a wrong key, type or range is a one-line UserError."""
+def settings_from_dict(raw: dict[str, Any], base: dict[str, Any] | None = None) -> TuneSettings:
+    """Typed, validated Tune settings; a wrong key, type or range is a one-line UserError. `base`:
+    the search's training config (raw), whose train.evals add metrics a search may rank on."""
     hints = typing.get_type_hints(TuneSettings)
     for key in raw:
         if key not in hints:
             raise UserError(f"unknown tune setting 'tune.{key}'; valid: {', '.join(hints)}")
     settings = TuneSettings(**{key: coerce(f"tune.{key}", value, hints[key]) for key, value in raw.items()})
-    _check_settings(settings)
+    evals = ((base or {}).get("train") or {}).get("evals") or []
+    _check_settings(settings, eval_metrics(evals) if isinstance(evals, list) else [])
     return settings
 
 
@@ -171,16 +174,17 @@ def _hashable(value: Any) -> Any:
     return value
 
 
-def _check_settings(s: TuneSettings) -> None:
+def _check_settings(s: TuneSettings, eval_scores: list[str] = ()) -> None:
     if s.search_alg not in SEARCH_ALGS:
         raise UserError(f"tune.search_alg must be one of {', '.join(SEARCH_ALGS)}, got {s.search_alg!r}")
     if s.name is not None and not is_plain_name(s.name):
         raise UserError(f"tune.name must be a plain folder name (letters, digits, '.', '_', '-'), got {s.name!r}")
     if s.scheduler not in SCHEDULERS:
         raise UserError(f"tune.scheduler must be one of {', '.join(SCHEDULERS)}, got {s.scheduler!r}")
-    if s.metric not in REPORTED:
+    if s.metric not in (*REPORTED, *eval_scores):
         raise UserError(f"tune.metric {s.metric!r} is never reported by the trainer; "
-                        f"choose one of {', '.join(REPORTED)}")
+                        f"choose one of {', '.join((*REPORTED, *eval_scores))} (train.evals add <name>_acc and "
+                        f"<name>_acc_norm)")
     if s.mode not in ("min", "max"):
         raise UserError(f"tune.mode must be min or max, got {s.mode!r}")
     if s.time_attr not in TIME_ATTRS:

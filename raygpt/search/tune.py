@@ -164,7 +164,7 @@ def tune_trial(params: dict[str, Any]) -> None:
 
     experiment_dir = params["experiment_dir"]
     saved = read_search_file(experiment_dir)
-    settings = settings_from_dict(saved["tune"])
+    settings = settings_from_dict(saved["tune"], search_base(saved))
     point = params.get("trial") or {"hp": params["hp"], "run": f"train-{ray.tune.get_context().get_trial_id()}"}
     trial = check_trial(search_base(saved), point["hp"])
     cfg = trial.config
@@ -279,6 +279,11 @@ def run_search(search: Search, *, address: str | None = None, log=print, check_o
         if not trials:
             raise UserError("every configuration of the search is rejected; nothing to launch")
     first = trials[0].config
+    if first.train.evals:  # the same files in every trial (data and run settings are not searched)
+        from raygpt.multiple_choice import check_eval_data
+
+        for line in check_eval_data(first.train.evals, min(t.config.model.context_len for t in trials)):
+            log(line)
     storage_root = check_storage_root(first.run.storage_path)
     name = _experiment_name(s)
     experiment_dir = storage.join(storage_root, name)
@@ -314,12 +319,16 @@ def run_search(search: Search, *, address: str | None = None, log=print, check_o
     # folder is made absolute because every trial runs in a folder of its own.
     base = copy.deepcopy(search.base)
     base.setdefault("data", {})["dir"] = storage.resolve_storage(first.data.dir)
+    if first.train.evals:  # so are train.evals' files
+        base.setdefault("train", {})["evals"] = [{**e, "data": storage.resolve_storage(e["data"])}
+                                                 for e in first.train.evals]
     launch = {"max_t": max_t, "max_concurrent_trials": cap, "concurrency": why, "trials": num_trials,
               "order": None if searcher else [t.overrides for t in trials],
               "total_steps": None if searcher else [t.total_steps for t in trials]}
     storage.write_text(storage.join(experiment_dir, SEARCH_FILE), yaml.safe_dump(
         {**base, "search": search.space, "tune": {**vars(s), "name": name}, "launch": launch}, sort_keys=False))
-    check_paths_on_nodes({"data.dir": base["data"]["dir"], "experiment folder": experiment_dir})
+    check_paths_on_nodes({"data.dir": base["data"]["dir"], "experiment folder": experiment_dir,
+                          **{f"train.evals[{i}].data": e["data"] for i, e in enumerate(first.train.evals)}})
     # Only the searched values go into Tune's config: its status table shows them as they are.
     points = None if searcher else [{"hp": t.overrides, "run": trial_run_name(i)} for i, t in enumerate(trials)]
     tuner = _tuner(first, s, experiment_dir, points, searcher, num_trials, max_t, cap)
@@ -346,7 +355,7 @@ def resume_search(experiment_dir: str, *, address: str | None = None, log=print)
     if not storage.exists(storage.join(experiment_dir, SEARCH_FILE)) or newest_state_file(experiment_dir) is None:
         raise UserError(f"no raygpt experiment to resume in {experiment_dir}")
     saved = read_search_file(experiment_dir)
-    settings = settings_from_dict(saved["tune"])
+    settings = settings_from_dict(saved["tune"], search_base(saved))
     launch = saved.get("launch")
     order = launch.get("order") if isinstance(launch, dict) else None
     if settings.search_alg == "optuna" or not isinstance(order, list):

@@ -26,6 +26,7 @@ from raygpt.data.shards import load_manifest
 from raygpt.data.windows import WindowDataset
 from raygpt.model import GPTModel, fit_rows, mup_lr_scale
 from raygpt.training import recovery, speed
+from raygpt.training.choice_evals import ChoiceEvals
 from raygpt.training.evaluation import EvalSets
 from raygpt.training.memory import check_device_memory
 from raygpt.training.plan import plan_for
@@ -128,8 +129,9 @@ def train_loop(cfg: Config, data_dir: str, rt: Runtime) -> dict[str, Any]:
                                        pin_memory=rt.device.type == "cuda"))
     # Evaluation reads the train split's windows and the val split's non-overlapping windows.
     evals = EvalSets(cfg, train_ds, WindowDataset(data_dir, "val", m.context_len, m.context_len), plan.micro_batch, rt)
+    choice_evals = ChoiceEvals(cfg, rt, plan.micro_batch, log_rows)  # train.evals: HellaSwag and the like
     reporter = Reporter(cfg, rt, plan.total_steps, model, optimizer, evals, manifest.get("fingerprint"), log_rows,
-                        state.elapsed)
+                        state.elapsed, choice_evals)
     tokens_per_step = t.batch_size * m.context_len  # every worker consumes an equal share
     stop = recovery.StopRequest()
     metrics: dict[str, Any] = {}

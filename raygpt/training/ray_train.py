@@ -163,6 +163,12 @@ def preflight(cfg: Config, resume: str | None = None, log=print,
     manifest = load_manifest(data_dir)  # read once for every check below
     check_shards(manifest, data_dir, full=hash_shards)
     plan = plan_for(cfg, data_dir, manifest)
+    if cfg.train.evals:  # read and tokenized here; absolute, as the workers run elsewhere
+        from raygpt.multiple_choice import check_eval_data
+
+        cfg.train.evals = [{**e, "data": storage.resolve_storage(e["data"])} for e in cfg.train.evals]
+        for line in check_eval_data(cfg.train.evals, cfg.model.context_len):
+            log(line)
     if cfg.model.init_from and not resume:
         from raygpt.hf import check_init_from
 
@@ -191,7 +197,8 @@ def _fit(cfg: Config, paths: RunPaths, plan: StepPlan, data_dir: str, address: s
     cluster.check_resources(cfg, log)
     storage.write_text(storage.join(paths.uri, CONFIG_FILE), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     cluster.check_paths_on_nodes({"data.dir": data_dir, "run folder": paths.uri,
-                                  **({"model.init_from": cfg.model.init_from} if cfg.model.init_from else {})})
+                                  **({"model.init_from": cfg.model.init_from} if cfg.model.init_from else {}),
+                                  **{f"train.evals[{i}].data": e["data"] for i, e in enumerate(cfg.train.evals)}})
     log(f"run {paths.name}: {cfg.run.num_workers} workers, {plan.total_steps} steps of "
         f"{cfg.train.batch_size} x {cfg.model.context_len} tokens -> {paths.uri}")
 

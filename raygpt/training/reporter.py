@@ -23,6 +23,7 @@ from raygpt import runs, storage
 from raygpt.config import Config
 from raygpt.errors import TrainingFailed
 from raygpt.training import perf, recovery, speed
+from raygpt.training.choice_evals import ChoiceEvals
 from raygpt.training.evaluation import EvalSets, generate_sample
 from raygpt.training.runtime import Runtime, TrainState
 from raygpt.training.saver import BackgroundSave
@@ -35,9 +36,9 @@ from raygpt.training.tensorboard_log import TensorBoardLog
 class Reporter:
     def __init__(self, cfg: Config, rt: Runtime, total_steps: int, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, evals: EvalSets, data_fingerprint: str | None,
-                 log_rows: list[dict[str, Any]], elapsed_before: float):
+                 log_rows: list[dict[str, Any]], elapsed_before: float, choice_evals: ChoiceEvals | None = None):
         self.cfg, self.rt, self.total_steps = cfg, rt, total_steps
-        self.model, self.optimizer, self.evals = model, optimizer, evals
+        self.model, self.optimizer, self.evals, self.choice_evals = model, optimizer, evals, choice_evals
         self.data_fingerprint, self.log_rows = data_fingerprint, log_rows
         self.rank0 = rt.rank == 0
         self.sharded = is_sharded(model)  # fsdp: every rank writes its shards and runs every forward
@@ -84,6 +85,7 @@ class Reporter:
         metrics = {
             "step": state.step, "epoch": state.epoch,
             **self.evals.evaluate(plain_model(self.model), final, initial=state.step == 0),
+            **(self.choice_evals.evaluate(plain_model(self.model), state.step, final) if self.choice_evals else {}),
             "lr": lr_at(max(state.step - 1, 0), self.total_steps, o),
             "tokens_seen": state.tokens_seen,
             "tokens_per_s": tokens_per_s,
@@ -125,7 +127,8 @@ class Reporter:
                 name = runs.unique_checkpoint_name(self.rt.run_dir, state.step)
                 ckpt.save_checkpoint(folder, self.model, self.optimizer,
                                      self.checkpoint_state(state, metrics["elapsed"], metrics["val_loss"]))
-            self.rt.report(metrics, folder, name)
+            # the latest train.evals scores in every report: a search may rank on them at any report
+            self.rt.report({**(self.choice_evals.latest if self.choice_evals else {}), **metrics}, folder, name)
         return metrics
 
     def checkpoint_state(self, state: TrainState, elapsed: float, val_loss: float | None) -> dict[str, Any]:
@@ -254,6 +257,8 @@ def progress_line(m: dict[str, Any]) -> str:
         + (f" | final eval: {m['eval_tokens']:,} val tokens, {m['eval_time']:.1f} s" if m.get("final_eval")
            else f" | eval {m['eval_time']:.1f} s" if "eval_time" in m else "")
         + (f" | mem {_memory(m)}" if _memory(m) else "")
+        + "".join(f" | {k[:-len('_acc_norm')]} acc {m[k[:-len('_norm')]]:.4f} acc_norm {m[k]:.4f}"
+                  for k in m if k.endswith("_acc_norm"))
     )
 
 

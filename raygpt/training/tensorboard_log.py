@@ -76,6 +76,9 @@ class TensorBoardLog:
         for key, tag in TOKEN_SCALARS.items():
             if metrics.get(key) is not None:
                 self.writer.add_scalar(tag, metrics[key], tokens)
+        for key in metrics:  # train.evals scores, where measured
+            if key.endswith(("_acc", "_acc_norm")) and metrics[key] is not None:
+                self.writer.add_scalar(f"evals/{key}", metrics[key], step)
 
     def _upload(self) -> None:
         for name in os.listdir(self.local):
