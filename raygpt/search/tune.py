@@ -369,6 +369,9 @@ def resume_search(experiment_dir: str, *, address: str | None = None, log=print)
     if not points:
         return experiment_dir
     first = trial_config(search_base(saved), {})
+    from raygpt.training import trackers
+
+    trackers.check_installed(first.run.loggers)  # the loggers' packages, here rather than in every trial
     start_ray(address)
     cap = min(int(launch.get("max_concurrent_trials") or 1), len(points))
     _tuner(first, settings, experiment_dir, points, None, len(points), int(launch["max_t"]), cap).fit()
