@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(if $(TORCH),$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH))
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,plots,optuna,hf,lmeval]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,plots,optuna,hf,lmeval,mlflow,wandb]'
 	# mup, the µP reference tests/test_mup.py checks against, without its declared torchvision and
 	# seaborn (it needs neither for what is checked; torchvision would pull another torch build)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps mup==1.0.0

@@ -30,6 +30,8 @@ STRATEGIES = ("ddp", "fsdp")  # run.strategy (raygpt.training.sharding)
 PARAMETRIZATIONS = ("standard", "mup")  # model.parametrization (raygpt.model)
 EVAL_TASKS = ("hellaswag", "multiple_choice")  # train.evals tasks (raygpt.multiple_choice)
 EVAL_KEYS = ("task", "data", "every", "limit", "name")
+LOGGERS = ("tensorboard", "mlflow", "wandb")  # run.loggers (raygpt.training.trackers)
+WANDB_MODES = ("online", "offline", "disabled")  # run.wandb_mode
 # run.accelerator_type: Ray's accelerator types (ray.util.accelerators) and one such GPU's memory in
 # GB, for the memory plan (raygpt.training.memory).
 GPU_MEMORY_GB = {
@@ -130,6 +132,16 @@ class RunConfig:
     # is copied to host memory (raygpt.training.saver). Off in search trials (ASHA may stop a trial
     # right after the report that saved).
     async_save: bool = False
+    # Where rank 0 logs the run's curves besides metrics.jsonl, the same values in each
+    # (raygpt.training.trackers): tensorboard (event files in the run folder), mlflow, wandb; [] for
+    # none. mlflow and wandb need their packages (pip install 'raygpt[mlflow]' / 'raygpt[wandb]').
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # Settings left null are read from the launching shell at launch and saved with the run, so every
+    # worker and every resume logs to the same place:
+    # MLflow's tracking store; null: $MLFLOW_TRACKING_URI, else sqlite:///<storage_path>/mlflow.db
+    mlflow_tracking_uri: str | None = None
+    wandb_project: str | None = None  # null: $WANDB_PROJECT, else raygpt
+    wandb_mode: str | None = None  # online | offline | disabled; null: $WANDB_MODE, else W&B's own (online)
 
 
 @dataclass
@@ -449,6 +461,14 @@ def validate(cfg: Config) -> None:
         raise UserError(f"run.gpus_per_worker {r.gpus_per_worker:g} with {r.num_workers} workers: two workers would "
                         "share one GPU, which NCCL refuses; use 1 (a fraction suits one-worker runs, such as search "
                         "trials)")
+    unknown = [name for name in r.loggers if name not in LOGGERS]
+    if unknown:
+        raise UserError(f"run.loggers: unknown logger {unknown[0]!r}; choose from {', '.join(LOGGERS)}")
+    twice = [name for name in LOGGERS if r.loggers.count(name) > 1]
+    if twice:
+        raise UserError(f"run.loggers lists {twice[0]!r} twice")
+    if r.wandb_mode is not None and r.wandb_mode not in WANDB_MODES:
+        raise UserError(f"run.wandb_mode must be one of {', '.join(WANDB_MODES)} (or null), got {r.wandb_mode!r}")
     if r.name is not None and not is_plain_name(r.name):
         raise UserError(f"run.name must be a plain folder name (letters, digits, '.', '_', '-'), got {r.name!r}")
     if t.eval_mode not in EVAL_MODES:

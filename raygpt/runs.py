@@ -6,6 +6,8 @@
                                    ("kind": "step"), and event rows (restarts, resumes)
         progress.json              the step the run has reached (refreshed while it trains)
         lease.json                 the process writing the run now: owner and heartbeat
+        trackers.json              the run's MLflow / W&B run ids (run.loggers): a resume continues them
+        events.out.tfevents.*      TensorBoard's events (run.loggers); wandb/: W&B's local files
         loss.png                   the loss curves and lr schedule, drawn when the run ends
         checkpoint_<step>[-<n>]/   model.pt, optimizer.pt, state.json (written last)
 
@@ -38,6 +40,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 PROGRESS_FILE = "progress.json"
 LEASE_FILE = "lease.json"
+TRACKERS_FILE = "trackers.json"  # raygpt.training.trackers
 PLOT_FILE = "loss.png"  # drawn when a run ends (raygpt.training.plots)
 # An experiment folder (a search): its saved search, and the trial table written when it ends.
 SEARCH_FILE = "search.yaml"

@@ -177,8 +177,9 @@ def tune_trial(params: dict[str, Any]) -> None:
         storage.write_text(storage.join(run.uri, CONFIG_FILE), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     save_steps = trial_save_steps(trial, settings, saved["launch"]["max_t"])
     data_dir = storage.resolve_storage(cfg.data.dir)
+    experiment = saved["tune"].get("name")  # MLflow and W&B group the search's trials by it
     if runs_in_trial(cfg, settings):
-        _train_in_trial(cfg, run.uri, data_dir, save_steps)
+        _train_in_trial(cfg, run.uri, data_dir, save_steps, experiment)
     else:
         from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -186,10 +187,11 @@ def tune_trial(params: dict[str, Any]) -> None:
 
         start_wait = max(cfg.run.resource_wait_s, MIN_TRIAL_START_WAIT_S)
         build_trainer(cfg, run, data_dir, extra_callbacks=[TuneReportCallback()], start_timeout_s=start_wait,
-                      extra_save_steps=save_steps).fit()
+                      extra_save_steps=save_steps, experiment=experiment).fit()
 
 
-def _train_in_trial(cfg: Config, run_dir: str, data_dir: str, save_steps: tuple[int, ...]) -> None:
+def _train_in_trial(cfg: Config, run_dir: str, data_dir: str, save_steps: tuple[int, ...],
+                    experiment: str | None = None) -> None:
     """The loop in this process, on the CPUs (and GPU) Tune reserved for the trial."""
     import ray.tune
     import torch
@@ -207,7 +209,7 @@ def _train_in_trial(cfg: Config, run_dir: str, data_dir: str, save_steps: tuple[
     # Ray shows the trial only its own GPU (CUDA_VISIBLE_DEVICES): cuda:0.
     device = process_device(cfg.run.use_gpu, 0, torch.cuda.device_count())
     rt = Runtime(device=device, run_dir=run_dir, fit_id=uuid.uuid4().hex,
-                 report=report, extra_save_steps=frozenset(save_steps))
+                 report=report, extra_save_steps=frozenset(save_steps), experiment=experiment)
     train_loop(cfg, data_dir, rt)
 
 
@@ -284,6 +286,9 @@ def run_search(search: Search, *, address: str | None = None, log=print, check_o
 
         for line in check_eval_data(first.train.evals, min(t.config.model.context_len for t in trials)):
             log(line)
+    from raygpt.training import trackers
+
+    trackers.resolve(first)  # the loggers' packages, and their settings from this environment
     storage_root = check_storage_root(first.run.storage_path)
     name = _experiment_name(s)
     experiment_dir = storage.join(storage_root, name)
@@ -302,6 +307,7 @@ def run_search(search: Search, *, address: str | None = None, log=print, check_o
         log(f"ok: experiment {name} (new) -> {experiment_dir}: {s.num_samples if searcher else len(trials)} trials, "
             f"max_t {max_t} {s.time_attr}s; nothing started (concurrency is set by the cluster at launch)")
         return None
+    trackers.prepare(first, experiment=name)  # MLflow's store and the search's experiment, before any trial
     start_ray(address)
     check_resources(first, log)
     num_trials = s.num_samples if searcher else len(trials)
@@ -322,6 +328,9 @@ def run_search(search: Search, *, address: str | None = None, log=print, check_o
     if first.train.evals:  # so are train.evals' files
         base.setdefault("train", {})["evals"] = [{**e, "data": storage.resolve_storage(e["data"])}
                                                  for e in first.train.evals]
+    # ... and the loggers' settings as resolved here: every trial logs to the same store and project.
+    base.setdefault("run", {}).update({key: getattr(first.run, key) for key in trackers.RESOLVED
+                                       if getattr(first.run, key) is not None})
     launch = {"max_t": max_t, "max_concurrent_trials": cap, "concurrency": why, "trials": num_trials,
               "order": None if searcher else [t.overrides for t in trials],
               "total_steps": None if searcher else [t.total_steps for t in trials]}
@@ -369,6 +378,9 @@ def resume_search(experiment_dir: str, *, address: str | None = None, log=print)
     if not points:
         return experiment_dir
     first = trial_config(search_base(saved), {})
+    from raygpt.training import trackers
+
+    trackers.check_installed(first.run.loggers)  # the loggers' packages, here rather than in every trial
     start_ray(address)
     cap = min(int(launch.get("max_concurrent_trials") or 1), len(points))
     _tuner(first, settings, experiment_dir, points, None, len(points), int(launch["max_t"]), cap).fit()

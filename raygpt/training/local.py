@@ -84,6 +84,11 @@ def train_without_ray(cfg: Config, resume: str | None) -> None:
                         "or choose another run.name")
     data_dir = storage.resolve_storage(cfg.data.dir)
     check_shards(load_manifest(data_dir), data_dir)  # as a launch on Ray checks them, before anything starts
+    from raygpt.training import trackers
+
+    trackers.resolve(cfg)  # the loggers' packages and settings, as a launch on Ray checks them
+    if int(os.environ.get("RANK", "0")) == 0:
+        trackers.prepare(cfg)
     process_device(cfg.run.use_gpu, int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count())  # the same
     print(f"run {run_dir.rsplit('/', 1)[-1]} without Ray -> {run_dir}")
     if int(os.environ.get("RANK", "0")) != 0:

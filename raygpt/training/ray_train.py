@@ -114,14 +114,17 @@ def ray_worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             model, parallel_strategy_kwargs={"gradient_as_bucket_view": True}),
         wrap_loader=lambda loader: ray.train.torch.prepare_data_loader(loader, move_to_device=False),
         report=_ray_report, log=_worker_log, extra_save_steps=frozenset(loop_config.get("extra_save_steps", ())),
+        experiment=loop_config.get("experiment"),
     )
     return train_loop(cfg, loop_config["data_dir"], rt)
 
 
 def build_trainer(cfg: Config, paths: RunPaths, data_dir: str, extra_callbacks: list | None = None,
-                  start_timeout_s: float | None = None, extra_save_steps: tuple[int, ...] = ()):
+                  start_timeout_s: float | None = None, extra_save_steps: tuple[int, ...] = (),
+                  experiment: str | None = None):
     """A TorchTrainer for the run. Its workers' resources are waited for `start_timeout_s`
-    (default run.resource_wait_s: an autoscaler may be adding nodes), then the run fails."""
+    (default run.resource_wait_s: an autoscaler may be adding nodes), then the run fails.
+    `experiment`: the search the run is a trial of."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.train.v2.api.config import LoggingConfig
@@ -133,7 +136,8 @@ def build_trainer(cfg: Config, paths: RunPaths, data_dir: str, extra_callbacks: 
     return TorchTrainer(
         ray_worker_loop,
         train_loop_config={"config": cfg.to_dict(), "run_dir": paths.uri, "data_dir": data_dir,
-                           "fit_id": uuid.uuid4().hex, "extra_save_steps": list(extra_save_steps)},
+                           "fit_id": uuid.uuid4().hex, "extra_save_steps": list(extra_save_steps),
+                           "experiment": experiment},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=paths.name,
@@ -158,7 +162,11 @@ def preflight(cfg: Config, resume: str | None = None, log=print,
               hash_shards: bool = False) -> tuple[RunPaths, StepPlan]:
     """Everything checked before Ray starts: the data (manifest, shards, vocabulary), the batch
     arithmetic, the run folder (new, or a resumable checkpoint of this shape on this data).
-    `hash_shards` also compares local shards' content with the manifest (a full read)."""
+    `hash_shards` also compares local shards' content with the manifest (a full read). The
+    loggers' settings left null are filled from this environment (raygpt.training.trackers)."""
+    from raygpt.training import trackers
+
+    trackers.resolve(cfg)
     data_dir = storage.resolve_storage(cfg.data.dir)
     manifest = load_manifest(data_dir)  # read once for every check below
     check_shards(manifest, data_dir, full=hash_shards)
@@ -188,6 +196,9 @@ def train(cfg: Config, *, address: str | None = None, resume: str | None = None,
     """Train `cfg` on Ray (a new run, or `resume` an existing one); return a summary dict."""
     paths, plan = preflight(cfg, resume, log)
     cfg.run.name = paths.name
+    from raygpt.training import trackers
+
+    trackers.prepare(cfg)
     with Lease(paths.uri, log=log):  # one writer per run folder, from here to the end
         return _fit(cfg, paths, plan, storage.resolve_storage(cfg.data.dir), address, log)
 

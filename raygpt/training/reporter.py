@@ -30,7 +30,7 @@ from raygpt.training.saver import BackgroundSave
 from raygpt.training.schedule import lr_at
 from raygpt.training.sharding import is_sharded
 from raygpt.training.step import StepResult
-from raygpt.training.tensorboard_log import TensorBoardLog
+from raygpt.training.trackers import open_loggers
 
 
 class Reporter:
@@ -48,7 +48,9 @@ class Reporter:
         self.save_group = (dist.new_group(backend="gloo") if self.async_save and self.sharded and dist.is_initialized()
                            else None)
         self.progress = recovery.ProgressMarker(rt.run_dir, rt.fit_id) if self.rank0 and rt.run_dir else None
-        self.tensorboard = TensorBoardLog(rt.run_dir, log_rows) if self.rank0 and rt.run_dir else None
+        # run.loggers (TensorBoard, MLflow, W&B): rank 0 feeds each the rows of the metrics log
+        self.loggers = open_loggers(cfg, rt, log_rows) if self.rank0 and rt.run_dir else []
+        self.last_checkpoint: str | None = None  # the newest checkpoint this process saved (its URI)
         precision = speed.resolve_precision(cfg.train.precision, rt.device)
         self.flops_per_token = perf.model_flops_per_token(cfg.model)
         self.peak = perf.device_peak(rt.device, precision, cfg.run.peak_tflops) if self.rank0 else None
@@ -73,7 +75,8 @@ class Reporter:
                "train_loss": result.mean_loss, "grad_norm": result.grad_norm_value, "lr": lr,
                "step_time": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else 0.0}
         self.log_rows.append(row)
-        self.tensorboard.add(row, flush=False)
+        for logger in self.loggers:
+            logger.add(row, flush=False)
 
     def evaluate_and_log(self, state: TrainState, save: bool, final: bool = False) -> dict[str, Any]:
         """Evaluate (`final`: the larger final sample), log and (if `save`) checkpoint; throughput
@@ -113,11 +116,12 @@ class Reporter:
             if self.rt.run_dir:
                 self.log_rows.append({**metrics, "sample": sample})
                 runs.write_log(self.rt.run_dir, self.log_rows)
-                self.tensorboard.add(metrics)
+                for logger in self.loggers:
+                    logger.add(metrics)
         with contextlib.ExitStack() as stack:
             folder = name = None
             if save and self.async_save:
-                self._save_in_background(state, metrics)
+                name = self._save_in_background(state, metrics)
             elif save and self.sharded:
                 name = self._checkpoint_name(state.step)
                 folder = self._save_shards(stack, name, self.checkpoint_state(state, metrics["elapsed"],
@@ -129,6 +133,8 @@ class Reporter:
                                      self.checkpoint_state(state, metrics["elapsed"], metrics["val_loss"]))
             # the latest train.evals scores in every report: a search may rank on them at any report
             self.rt.report({**(self.choice_evals.latest if self.choice_evals else {}), **metrics}, folder, name)
+        if save and name and self.rt.run_dir:
+            self.last_checkpoint = storage.join(self.rt.run_dir, name)
         return metrics
 
     def checkpoint_state(self, state: TrainState, elapsed: float, val_loss: float | None) -> dict[str, Any]:
@@ -156,9 +162,10 @@ class Reporter:
         ckpt.write_state(folder, state)
         return folder
 
-    def _save_in_background(self, state: TrainState, metrics: dict[str, Any]) -> None:
+    def _save_in_background(self, state: TrainState, metrics: dict[str, Any]) -> str:
         """run.async_save: wait for the save in flight, copy the state to host memory (fsdp: each
-        rank its shards), and leave writing and storing it to a background thread."""
+        rank its shards), and leave writing and storing it to a background thread. Returns the
+        checkpoint's name."""
         self.background.wait()
         name = self._checkpoint_name(state.step)
         fields = self.checkpoint_state(state, metrics["elapsed"], metrics["val_loss"])
@@ -188,12 +195,16 @@ class Reporter:
                     storage.upload(folder, target)
                 runs.prune_checkpoints(run_dir, keep)
         else:
-            return
+            return name
         self.background.start(name, work)
+        return name
 
     def finish(self) -> None:
-        """The end of the run: the save in flight stored (its error raised)."""
+        """The end of the run: the save in flight stored (its error raised), then the loggers told
+        the run is complete and where its final checkpoint is."""
         self.background.wait()
+        for logger in self.loggers:
+            logger.finish(self.last_checkpoint)
 
     def save_before_exit(self, state: TrainState) -> None:
         """SIGTERM: the checkpoint straight into the run folder, then leave; the restart resumes
@@ -222,8 +233,11 @@ class Reporter:
                 self.rt.log(f"warning: {exc}")
         if self.progress:
             self.progress.close()
-        if self.tensorboard:
-            self.tensorboard.close()
+        for logger in self.loggers:  # each one closed, whatever another one says
+            try:
+                logger.close()
+            except Exception as exc:
+                self.rt.log(f"warning: closing {type(logger).__name__}: {exc}")
 
 
 def store_shards(shards: str, target: str, rank0: bool, group: Any = None) -> None:

@@ -31,6 +31,8 @@ class Runtime:
     # Steps that also save a checkpoint (besides every save_freq and the end): a search saves
     # where early stopping may stop a trial, so a stopped trial keeps where it stopped.
     extra_save_steps: frozenset[int] = frozenset()
+    # The search this run is a trial of (its name), or None: MLflow and W&B group its trials by it.
+    experiment: str | None = None
 
 
 @dataclass

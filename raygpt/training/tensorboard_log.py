@@ -85,6 +85,9 @@ class TensorBoardLog:
             with open(os.path.join(self.local, name), "rb") as f:
                 storage.write_bytes(storage.join(self.run_dir, name), f.read())
 
+    def finish(self, checkpoint: str | None) -> None:
+        """The run is complete (TensorBoard has nowhere to note its final checkpoint)."""
+
     def close(self) -> None:
         self.writer.close()
         if self.remote:
