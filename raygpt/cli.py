@@ -176,7 +176,9 @@ def _run_train(args: argparse.Namespace) -> None:
 
         paths, plan = preflight(cfg, args.resume, hash_shards=True)
         print(f"ok: run {paths.name} ({'resume' if args.resume else 'new'}) -> {paths.uri}: {plan.total_steps} steps "
-              f"of {cfg.train.batch_size} x {cfg.model.context_len} tokens on {cfg.run.num_workers} worker(s); "
+              f"of {cfg.train.batch_size} x {cfg.model.context_len} tokens "
+              f"({plan.total_steps * cfg.train.batch_size * cfg.model.context_len:,} tokens) on {cfg.run.num_workers} "
+              f"worker(s); "
               f"nothing started")
     elif args.no_ray:
         from raygpt.training.local import train_without_ray

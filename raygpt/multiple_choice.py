@@ -225,16 +225,23 @@ def evaluate_checkpoint(checkpoint: str, task: str, data: str, limit: int | None
     return result
 
 
-def check_eval_data(evals: list[dict[str, Any]], context_len: int) -> list[str]:
+def check_eval_data(evals: list[dict[str, Any]], context_len: int, total_steps: int | None = None,
+                    tokens_per_step: int | None = None) -> list[str]:
     """train.evals' files read and every choice tokenized before a launch (a bad row or an
     over-long choice is refused here, in one line, not in a worker); one line of cost per eval:
-    items, choices and the tokens one scoring reads."""
+    items, choices, the tokens one scoring reads and, given the run's steps, what all its scorings
+    cost beside training (a forward pass is a third of a training step's compute per token)."""
     lines = []
     for spec in evals:
         items = read_items(spec["data"], spec["task"], spec["limit"])
         requests = [r for n, item in enumerate(items)
                     for r in item_requests(item, context_len, f"{spec['data']} item {n}")]
         tokens = sum(min(len(ctx) + len(cont) - 1, context_len) for ctx, cont in requests)
-        lines.append(f"eval {spec['name']} ({spec['task']}, every {spec['every']} steps): {len(items):,} items, "
-                     f"{len(requests):,} choices, {tokens:,} tokens forward per scoring")
+        line = (f"eval {spec['name']} ({spec['task']}, every {spec['every']} steps): {len(items):,} items, "
+                f"{len(requests):,} choices, {tokens:,} tokens forward per scoring")
+        if total_steps and tokens_per_step:
+            scorings = 1 + total_steps // spec["every"] + (total_steps % spec["every"] != 0)
+            line += (f"; {scorings:,} scorings: {scorings * tokens / (3 * total_steps * tokens_per_step):.2%} of the "
+                     f"training's compute")
+        lines.append(line)
     return lines

@@ -174,5 +174,55 @@ def test_the_gpt2_xl_job_passes_its_launch_check_offline(run_cli, tmp_path):
     assert code == 0, err
     plan, ok = out.splitlines()
     assert plan.startswith("memory per worker: 15.93 GB of the A10G's 24 GB, sharded over 8 workers (fsdp) (")
-    assert ok.startswith("ok: run ") and ok.endswith(": 1000 steps of 128 x 1024 tokens on 8 worker(s); "
+    assert ok.startswith("ok: run ") and ok.endswith(": 1000 steps of 128 x 1024 tokens (131,072,000 tokens) on 8 worker(s); "
                                                       "nothing started")
+
+
+FINEWEB_SCHEMA = ("text", "id", "dump", "url", "date", "file_path", "language", "language_score", "token_count")
+
+
+def test_the_gpt2_124m_fineweb_job_is_llm_cs_recipe_and_passes_its_check_offline(run_cli, tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from helpers import prose_documents
+
+    from raygpt.config import load_config
+
+    cfg = load_config(REPO / "jobs" / "gpt2-124m-fineweb.yaml")
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    assert (m.embedding_dim, m.num_layers, m.num_heads, m.context_len, m.tie_embeddings, m.qkv_bias) == (
+        768, 12, 12, 1024, True, True)
+    assert t.batch_size * m.context_len == 524288 and t.max_tokens == 10**10
+    assert (o.peak_lr, o.warmup_steps, o.initial_lr, o.min_lr, o.weight_decay, o.betas) == (
+        6e-4, 700, 0.0, 0.0, 0.1, [0.9, 0.95])
+    assert [(e["task"], e["every"]) for e in t.evals] == [("hellaswag", 250)] and t.eval_freq == 250
+    # FineWeb's published parquet schema, prose inside (~1.5 M train tokens: 2 steps of 512 x 1024)
+    docs = prose_documents() * 12
+    n = len(docs)
+    table = pa.table({"text": docs, "id": [f"<urn:uuid:{i:08x}>" for i in range(n)], "dump": ["CC-MAIN-2024-10"] * n,
+                      "url": [f"https://example.org/{i}" for i in range(n)], "date": ["2024-02-21T08:00:00Z"] * n,
+                      "file_path": ["s3://commoncrawl/crawl-data/x.warc.gz"] * n, "language": ["en"] * n,
+                      "language_score": [0.93] * n, "token_count": [len(d) // 4 for d in docs]})
+    assert table.column_names == list(FINEWEB_SCHEMA)
+    (tmp_path / "sample" / "10BT").mkdir(parents=True)
+    pq.write_table(table, tmp_path / "sample" / "10BT" / "000_00000.parquet")
+    code, out, err = run_cli("prepare", str(tmp_path / "sample" / "10BT"), "--out", str(tmp_path / "data"))
+    assert code == 0, err
+    hellaswag = tmp_path / "hellaswag_val.jsonl"
+    hellaswag.write_text("".join(json.dumps(
+        {"ind": i, "activity_label": "Baking cookies", "ctx_a": "A woman puts flour in a bowl.", "ctx_b": "she",
+         "endings": ["stirs it with a spoon.", "throws it away.", "paints the wall.", "drives a car."],
+         "label": i % 4, "split": "val"}) + "\n" for i in range(3)))
+    # The sample is tiny: many epochs of it, so the plan runs to the job's 10 B tokens.
+    code, out, err = run_cli("train", "--check", "--config", str(REPO / "jobs" / "gpt2-124m-fineweb.yaml"),
+                             "--set", f"data.dir={tmp_path / 'data'}", "--set", f"run.storage_path={tmp_path / 'runs'}",
+                             "--set", f"train.evals=[{{task: hellaswag, data: {hellaswag}, every: 250}}]",
+                             "--set", "train.num_epochs=100000")
+    assert code == 0, err
+    memory, evals, ok = out.splitlines()
+    assert memory.startswith("memory per worker: 15.42 GB of the A10G's 24 GB (")
+    assert evals.startswith("eval hellaswag (hellaswag, every 250 steps): 3 items, 12 choices, ")
+    assert evals.endswith("78 scorings: 0.00% of the training's compute")
+    assert ok.endswith(": 19074 steps of 512 x 1024 tokens (10,000,269,312 tokens) on 8 worker(s); nothing started")

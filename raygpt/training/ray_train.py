@@ -175,7 +175,8 @@ def preflight(cfg: Config, resume: str | None = None, log=print,
         from raygpt.multiple_choice import check_eval_data
 
         cfg.train.evals = [{**e, "data": storage.resolve_storage(e["data"])} for e in cfg.train.evals]
-        for line in check_eval_data(cfg.train.evals, cfg.model.context_len):
+        for line in check_eval_data(cfg.train.evals, cfg.model.context_len, plan.total_steps,
+                                    cfg.train.batch_size * cfg.model.context_len):
             log(line)
     if cfg.model.init_from and not resume:
         from raygpt.hf import check_init_from
