@@ -133,20 +133,20 @@ def test_a_resumed_run_logs_the_same_scores_and_two_workers_score_like_one(data_
 
 
 @pytest.mark.slow
-def test_a_search_ranks_by_an_eval_score_with_asha(ray_address, data_dir, eval_files, tmp_path, run_cli):
+def test_a_search_ranks_by_hellaswag_acc_norm_with_asha(ray_address, data_dir, eval_files, tmp_path, run_cli):
     from raygpt.search.analysis import analyze
 
-    own, _ = eval_files
+    _, hs = eval_files
     raw = search_raw(data_dir, tmp_path / "runs", {"optim.peak_lr": {"grid": [0.002, 0.005, 0.03]}},
-                     name="exp", metric="own_acc_norm", mode="max")
-    raw["train"]["evals"] = [{"task": "multiple_choice", "data": str(own), "every": 2, "name": "own"}]
+                     name="exp", metric="hellaswag_acc_norm", mode="max")
+    raw["train"]["evals"] = [{"task": "hellaswag", "data": str(hs), "every": 2}]
     (tmp_path / "search.yaml").write_text(yaml.safe_dump(raw))
     code, out, err = run_cli("tune", "--config", str(tmp_path / "search.yaml"), "--address", ray_address)
     assert code == 0, err
-    assert "eval own (multiple_choice, every 2 steps): 20 items, 80 choices" in out
+    assert "eval hellaswag (hellaswag, every 2 steps): 20 items, 80 choices" in out
     rows = analyze(str(tmp_path / "runs" / "exp")).rows
-    assert len(rows) == 3 and all(r["best_own_acc_norm"] is not None for r in rows)
-    assert [r["best_own_acc_norm"] for r in rows] == sorted((r["best_own_acc_norm"] for r in rows), reverse=True)
-    assert f"best trial {rows[0]['trial_id']}: own_acc_norm {rows[0]['best_own_acc_norm']:.4f}" in out
-    assert "best_own_acc_norm" in out.splitlines()[[i for i, line in enumerate(out.splitlines())
-                                                    if line.startswith("trial_id")][0]]
+    best = [r["best_hellaswag_acc_norm"] for r in rows]
+    assert len(rows) == 3 and None not in best and best == sorted(best, reverse=True)
+    assert f"best trial {rows[0]['trial_id']}: hellaswag_acc_norm {best[0]:.4f}" in out
+    header = next(line for line in out.splitlines() if line.startswith("trial_id"))
+    assert "best_hellaswag_acc_norm" in header and "ASHA on hellaswag_acc_norm" in out
