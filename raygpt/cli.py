@@ -87,6 +87,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     bm.add_argument("--lr", type=float, default=0.01, help="the learning rate every width trains at (default 0.01)")
     bm.add_argument("--out", default="mup_coord", help="folder for mup_coord.png (default mup_coord)")
     bm.set_defaults(func=_run_bench_mup_coord)
+    bx = what.add_parser("mup-transfer", help="µP's learning-rate transfer: best lr per width from width x lr "
+                         "searches (jobs/mup-transfer.yaml), one per parametrization")
+    bx.add_argument("experiments", nargs="+", help="experiment folders of `raygpt tune` (a path or URI)")
+    bx.add_argument("--base-width", type=int, default=128, help="the width the lr is chosen at (default 128)")
+    bx.add_argument("--out", default="mup_transfer", help="folder for mup_transfer.png (default mup_transfer)")
+    bx.set_defaults(func=_run_bench_mup_transfer)
     bt = what.add_parser("tune", help="the same 16-configuration grid with and without ASHA")
     bt.add_argument("--address", help="Ray cluster to join (default: start a local Ray)")
     bt.add_argument("--data", default="data/stdlib", help="prepared data (default data/stdlib, prepared if missing)")
@@ -120,6 +126,12 @@ def _run_bench_mup_coord(args: argparse.Namespace) -> None:
     except ValueError:
         raise UserError(f"--widths takes comma-separated whole numbers, got {args.widths!r}") from None
     bench_mup_coord(widths, args.steps, args.lr, out=args.out)
+
+
+def _run_bench_mup_transfer(args: argparse.Namespace) -> None:
+    from raygpt.bench.mup_transfer import bench_mup_transfer
+
+    bench_mup_transfer(args.experiments, args.base_width, args.out)
 
 
 def _run_bench_prepare(args: argparse.Namespace) -> None:

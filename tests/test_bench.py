@@ -166,3 +166,18 @@ def test_a_background_save_stores_the_same_checkpoint_as_a_sync_one(tmp_path):
     a, b = load_checkpoint(tmp_path / "sync"), load_checkpoint(tmp_path / "async")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert (tmp_path / "sync" / "optimizer.pt").stat().st_size == (tmp_path / "async" / "optimizer.pt").stat().st_size
+
+
+def test_the_transfer_summary_finds_each_widths_best_lr_and_the_cost_of_transferring_it(tmp_path):
+    from raygpt.bench.mup_transfer import format_table, plot, summarize
+
+    # width 128's best is 2^-8; at width 512 that lr gives 4.04 against its own best 4.00 (2^-9)
+    table = {64: {2**-9: 4.3, 2**-8: 4.2, 2**-7: 4.25}, 128: {2**-9: 4.15, 2**-8: 4.1, 2**-7: 4.3},
+             512: {2**-9: 4.0, 2**-8: 4.04, 2**-7: 4.5}}
+    s = summarize(table, base_width=128)
+    assert s["best_lr"] == {"64": 2**-8, "128": 2**-8, "512": 2**-9} and s["spread_grid_steps"] == 1
+    assert s["transfer"]["to_width"] == 512 and s["transfer"]["gap_percent"] == pytest.approx(1.0)
+    text = format_table("mup", table, s)
+    assert "4.1000*" in text and "(+1.00%)" in text and "spread over widths: 1 grid step(s)" in text
+    plot({"standard": table, "mup": table}, str(tmp_path / "t.png"))
+    assert (tmp_path / "t.png").stat().st_size > 10_000

@@ -174,8 +174,8 @@ def test_the_gpt2_xl_job_passes_its_launch_check_offline(run_cli, tmp_path):
     assert code == 0, err
     plan, ok = out.splitlines()
     assert plan.startswith("memory per worker: 15.93 GB of the A10G's 24 GB, sharded over 8 workers (fsdp) (")
-    assert ok.startswith("ok: run ") and ok.endswith(": 1000 steps of 128 x 1024 tokens (131,072,000 tokens) on 8 worker(s); "
-                                                      "nothing started")
+    assert ok.startswith("ok: run ") and ok.endswith(": 1000 steps of 128 x 1024 tokens (131,072,000 tokens) "
+                                                      "on 8 worker(s); nothing started")
 
 
 FINEWEB_SCHEMA = ("text", "id", "dump", "url", "date", "file_path", "language", "language_score", "token_count")
