@@ -150,3 +150,17 @@ def test_a_search_ranks_by_hellaswag_acc_norm_with_asha(ray_address, data_dir, e
     assert f"best trial {rows[0]['trial_id']}: hellaswag_acc_norm {best[0]:.4f}" in out
     header = next(line for line in out.splitlines() if line.startswith("trial_id"))
     assert "best_hellaswag_acc_norm" in header and "ASHA on hellaswag_acc_norm" in out
+
+
+@pytest.mark.slow
+def test_two_fsdp_workers_with_unequal_shares_score_like_one(data_dir, eval_files, tmp_path):
+    # 5 items over 2 ranks: 12 and 8 choices, so rank 1 runs throwaway forwards to match rank 0's
+    # (each forward of a sharded model is a collective); the run must not hang, and score the same.
+    own, hs = eval_files
+    overrides = tiny_overrides(data_dir, tmp_path) + ["train.max_steps=4",
+                                                      evals_set(f"task: hellaswag, data: {hs}, every: 4, limit: 5")]
+    run_workers(1, overrides, data_dir, tmp_path / "one")
+    run_workers(2, overrides + ["run.strategy=fsdp"], data_dir, tmp_path / "fsdp")
+    one, fsdp = read_metrics(str(tmp_path / "one")), read_metrics(str(tmp_path / "fsdp"))
+    assert _scores(fsdp, "hellaswag")[0] == _scores(one, "hellaswag")[0]
+    assert [r["hellaswag_items"] for r in fsdp if "hellaswag_items" in r] == [5, 5]
