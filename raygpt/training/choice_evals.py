@@ -19,7 +19,7 @@ import torch
 from raygpt.config import Config
 from raygpt.multiple_choice import item_requests, item_scores, loglikelihoods, read_items
 from raygpt.training import speed
-from raygpt.training.evaluation import _sum_over_workers
+from raygpt.training.evaluation import sum_over_workers
 from raygpt.training.runtime import Runtime
 from raygpt.training.sharding import is_sharded
 
@@ -62,7 +62,7 @@ class ChoiceEvals:
                                  lambda: speed.autocast(self.rt.device, self.precision),
                                  forwards=self.most[i] if is_sharded(model) else 0)
             acc, acc_norm = item_scores(self.items[i], lls)
-            acc, acc_norm, n = _sum_over_workers([acc, acc_norm, float(len(self.items[i]))], self.rt)
+            acc, acc_norm, n = sum_over_workers([acc, acc_norm, float(len(self.items[i]))], self.rt)
             out.update({f"{name}_acc": acc / n, f"{name}_acc_norm": acc_norm / n,
                         f"{name}_items": int(n), f"{name}_time": time.perf_counter() - t0})
         self.latest.update({k: v for k, v in out.items() if k in self.metric_names()})

@@ -40,7 +40,7 @@ def eval_window_count(tokens: int | None, context_len: int, n_windows: int) -> i
     return n_windows if tokens is None else min(n_windows, -(-tokens // context_len))
 
 
-def _sum_over_workers(values: list[float], rt: Runtime) -> list[float]:
+def sum_over_workers(values: list[float], rt: Runtime) -> list[float]:
     """Element-wise sum over the workers, in float64 (the values themselves on one worker)."""
     if rt.world_size == 1 or not dist.is_initialized():
         return values
@@ -72,7 +72,7 @@ def evaluate(model: torch.nn.Module, ds: WindowDataset, windows: list[int], batc
         if chunk:
             total += losses.float().view(len(xs), -1).mean(dim=1).double().sum()
     model.train()
-    loss_sum, count = _sum_over_workers([total.item(), float(len(mine))], rt)
+    loss_sum, count = sum_over_workers([total.item(), float(len(mine))], rt)
     return loss_sum / max(count, 1.0), int(count)
 
 
@@ -94,7 +94,7 @@ def evaluate_first(model: torch.nn.Module, loader: DataLoader, batches: int, rt:
         windows += len(x)
     model.train()
     shared = rt.world_size > 1 and dist.is_initialized()
-    mean_sum, windows_all = _sum_over_workers([total / max(count, 1), float(windows)], rt)
+    mean_sum, windows_all = sum_over_workers([total / max(count, 1), float(windows)], rt)
     return mean_sum / (rt.world_size if shared else 1), int(windows_all)
 
 
