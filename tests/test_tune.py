@@ -190,6 +190,38 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_addres
         assert (experiment / name / "metrics.jsonl").read_text() == text  # not run again
 
 
+@pytest.mark.slow
+def test_a_trial_that_ended_but_is_recorded_running_reports_its_end_on_resume(ray_address, data_dir, tmp_path,
+                                                                               run_cli):
+    # The driver can die after a trial stored its last checkpoint and before Tune recorded it
+    # TERMINATED (a loaded machine widens that window): the resume runs it again, its run is already
+    # at its last step, and the trial must still report (Tune refuses a trial that ends silently).
+    import json
+
+    from raygpt.search.experiment_state import newest_state_file
+
+    cfg = tmp_path / "search.yaml"
+    cfg.write_text(yaml.safe_dump(search_raw(data_dir, tmp_path / "runs", {"optim.peak_lr": {"grid": [0.003]}},
+                                             name="exp", early_stopping=False)))
+    code, out, err = run_cli("tune", "--config", str(cfg), "--address", ray_address)
+    assert code == 0, err
+    experiment = tmp_path / "runs" / "exp"
+    state_file = Path(newest_state_file(str(experiment)))
+    state = json.loads(state_file.read_text())
+    for entry in state["trial_data"]:
+        trial = json.loads(entry[0])
+        trial["status"] = "RUNNING"
+        entry[0] = json.dumps(trial)
+    state_file.write_text(json.dumps(state))
+    before = (experiment / "train-00000" / "metrics.jsonl").read_text()
+    code, out, err = run_cli("tune", "--resume", str(experiment), "--address", ray_address)
+    assert code == 0, err
+    assert "0 of 1 trials finished, 1 to run" in out
+    (row,) = analyze(str(experiment)).rows
+    assert row["status"] == "TERMINATED" and row["steps"] == 12
+    assert (experiment / "train-00000" / "metrics.jsonl").read_text() == before  # nothing trained again
+
+
 @pytest.fixture
 def cpu_hog():
     """A CPU-bound process beside the search, as any laptop has one."""

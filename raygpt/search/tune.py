@@ -176,6 +176,10 @@ def tune_trial(params: dict[str, Any]) -> None:
     if not storage.exists(storage.join(run.uri, CONFIG_FILE)):
         storage.write_text(storage.join(run.uri, CONFIG_FILE), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     save_steps = trial_save_steps(trial, settings, saved["launch"]["max_t"])
+    ended = ended_run_report(run.uri, trial.total_steps)
+    if ended is not None:  # ran to its end before the search was interrupted: say so, train nothing
+        ray.tune.report(ended)
+        return
     data_dir = storage.resolve_storage(cfg.data.dir)
     experiment = saved["tune"].get("name")  # MLflow and W&B group the search's trials by it
     if runs_in_trial(cfg, settings):
@@ -188,6 +192,22 @@ def tune_trial(params: dict[str, Any]) -> None:
         start_wait = max(cfg.run.resource_wait_s, MIN_TRIAL_START_WAIT_S)
         build_trainer(cfg, run, data_dir, extra_callbacks=[TuneReportCallback()], start_timeout_s=start_wait,
                       extra_save_steps=save_steps, experiment=experiment).fit()
+
+
+def ended_run_report(run_uri: str, total_steps: int) -> dict[str, Any] | None:
+    """The last report of a trial's run that already reached its last step with a complete
+    checkpoint there, else None. The driver can die between a trial's last checkpoint and Tune
+    recording it TERMINATED; a resume then runs the trial again, and a loop restored at its last
+    step reports nothing, which Tune refuses (its metric must be in every result)."""
+    from raygpt.runs import checkpoint_order, complete_checkpoints, read_metrics
+
+    rows = read_metrics(run_uri)
+    newest = complete_checkpoints(run_uri)[-1:]
+    if not rows or rows[-1].get("step") != total_steps or not newest:
+        return None
+    if (checkpoint_order(newest[0].rsplit("/", 1)[-1]) or (None,))[0] != total_steps:
+        return None
+    return {k: v for k, v in rows[-1].items() if k != "sample"}
 
 
 def _train_in_trial(cfg: Config, run_dir: str, data_dir: str, save_steps: tuple[int, ...],
