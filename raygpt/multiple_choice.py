@@ -144,6 +144,14 @@ def item_requests(item: Item, context_len: int, where: str = "item") -> list[tup
     return out
 
 
+def requests_of(items: Sequence[Item], context_len: int, where: str = "item",
+                numbers: Sequence[int] | None = None) -> list[tuple[list[int], list[int]]]:
+    """Every choice's request of `items`, in item order; a refused choice names `where item N`
+    (N from `numbers`: the items' places in their file, default 0, 1, ...)."""
+    numbers = range(len(items)) if numbers is None else numbers
+    return [r for n, item in zip(numbers, items) for r in item_requests(item, context_len, f"{where} {n}")]
+
+
 @torch.no_grad()
 def loglikelihoods(model: torch.nn.Module, requests: Sequence[tuple[list[int], list[int]]], context_len: int,
                    device: torch.device, batch_size: int = 16,
@@ -197,7 +205,7 @@ def item_scores(items: Sequence[Item], lls: Sequence[float]) -> tuple[float, flo
 def score_items(model: torch.nn.Module, items: Sequence[Item], context_len: int, device: torch.device,
                 batch_size: int = 16, autocast: Callable[[], Any] | None = None) -> dict[str, float]:
     """acc and acc_norm over `items` (and their count), on one process."""
-    requests = [r for n, item in enumerate(items) for r in item_requests(item, context_len, f"item {n}")]
+    requests = requests_of(items, context_len)
     lls = loglikelihoods(model, requests, context_len, device, batch_size, autocast)
     acc, acc_norm = item_scores(items, lls)
     return {"acc": acc / len(items), "acc_norm": acc_norm / len(items), "items": len(items)}
@@ -234,8 +242,7 @@ def check_eval_data(evals: list[dict[str, Any]], context_len: int, total_steps: 
     lines = []
     for spec in evals:
         items = read_items(spec["data"], spec["task"], spec["limit"])
-        requests = [r for n, item in enumerate(items)
-                    for r in item_requests(item, context_len, f"{spec['data']} item {n}")]
+        requests = requests_of(items, context_len, f"{spec['data']} item")
         tokens = sum(min(len(ctx) + len(cont) - 1, context_len) for ctx, cont in requests)
         line = (f"eval {spec['name']} ({spec['task']}, every {spec['every']} steps): {len(items):,} items, "
                 f"{len(requests):,} choices, {tokens:,} tokens forward per scoring")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from raygpt.config import Config
-from raygpt.multiple_choice import item_requests, item_scores, loglikelihoods, read_items
+from raygpt.multiple_choice import item_scores, loglikelihoods, read_items, requests_of
 from raygpt.training import speed
 from raygpt.training.evaluation import sum_over_workers
 from raygpt.training.runtime import Runtime
@@ -37,8 +37,8 @@ class ChoiceEvals:
             items = read_items(spec["data"], spec["task"], spec["limit"])
             mine = items[rt.rank::rt.world_size]
             self.items.append(mine)
-            self.requests.append([r for n, item in zip(range(rt.rank, len(items), rt.world_size), mine)
-                                  for r in item_requests(item, self.context_len, f"{spec['data']} item {n}")])
+            self.requests.append(requests_of(mine, self.context_len, f"{spec['data']} item",
+                                             range(rt.rank, len(items), rt.world_size)))
             # forward passes of the rank with the most requests (every rank knows every item)
             counts = [sum(len(i.choices) for i in items[r::rt.world_size]) for r in range(rt.world_size)]
             self.most.append(math.ceil(max(counts) / batch_size))
