@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from raygpt.errors import TrainingFailed, UserError
+from raygpt.errors import Interrupted, TrainingFailed, UserError
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
@@ -217,7 +217,7 @@ def _run_tune(args: argparse.Namespace) -> None:
     from raygpt.data.shards import has_manifest
     from raygpt.search.analysis import report_search
     from raygpt.search.spec import load_search
-    from raygpt.search.tune import resume_search, run_search
+    from raygpt.search.tune import resumable, resume_search, run_search, trials_ended
 
     if args.resume:
         experiment = resume_search(args.resume, address=args.address)
@@ -233,6 +233,12 @@ def _run_tune(args: argparse.Namespace) -> None:
             return
         experiment = run_search(search, address=args.address)
     analysis = report_search(experiment)
+    ended, total = trials_ended(experiment)
+    if ended < total:  # Tune caught a Ctrl-C / SIGINT, stopped the trials and saved the search's state
+        unfinished = f"search interrupted with {total - ended} of {total} trials unfinished"
+        raise Interrupted(f"{unfinished}; continue it with `raygpt tune --resume {experiment}`" if resumable(experiment)
+                          else f"{unfinished}; an Optuna search cannot resume (its searcher's state exists only as "
+                          "a pickle): start a new search")
     if analysis.failed:
         raise TrainingFailed(f"search failed: {len(analysis.errors)} of {len(analysis.rows)} trials ended in ERROR "
                              f"(causes above; experiment: {experiment})")
@@ -365,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"raygpt: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except TrainingFailed as exc:
+    except (TrainingFailed, Interrupted) as exc:
         print(f"raygpt: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

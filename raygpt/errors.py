@@ -16,3 +16,10 @@ class TrainingFailed(Exception):
     Exit code 1."""
 
     exit_code = 1
+
+
+class Interrupted(Exception):
+    """The user stopped a run or search (Ctrl-C / SIGINT) and its state was saved: the message says
+    how to continue it. Exit code 130, as a shell reports a process ended by SIGINT."""
+
+    exit_code = 130

@@ -150,14 +150,17 @@ def test_search_with_asha_analysis_and_best_config(ray_address, data_dir, tmp_pa
 
 @pytest.mark.slow
 def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_address, data_dir, tmp_path, run_cli):
+    # Ctrl-C (SIGINT): Tune stops the trials and saves the search; raygpt prints the analysis of
+    # what finished, says how to continue and exits non-zero (130, as a shell reports SIGINT).
     import ray
 
     space = {"optim.peak_lr": {"grid": [0.001, 0.003, 0.01]}}
     cfg = tmp_path / "search.yaml"
     cfg.write_text(yaml.safe_dump(search_raw(data_dir, tmp_path / "runs", space, name="exp",
                                              max_concurrent_trials=1, early_stopping=False)))
-    driver = subprocess.Popen([BIN / "raygpt", "tune", "--config", str(cfg), "--address", ray_address],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(tmp_path / "driver.out", "w") as out_file, open(tmp_path / "driver.err", "w") as err_file:
+        driver = subprocess.Popen([BIN / "raygpt", "tune", "--config", str(cfg), "--address", ray_address],
+                                  stdout=out_file, stderr=err_file)
     experiment = tmp_path / "runs" / "exp"
     deadline = time.time() + 300
     finished = []
@@ -169,8 +172,11 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_addres
         time.sleep(0.5)
     assert finished, "no trial finished before the deadline"
     time.sleep(3)  # let Tune record the finished trial in its experiment state
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
+    driver.send_signal(signal.SIGINT)
+    assert driver.wait(timeout=120) == 130
+    said = (tmp_path / "driver.out").read_text() + (tmp_path / "driver.err").read_text()
+    assert f"of 3 trials unfinished; continue it with `raygpt tune --resume {tmp_path / 'runs' / 'exp'}`" in said
+    assert "Tuner.restore" not in said and "best trial" in said
     while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
         time.sleep(0.5)
     done_before = {p.name: (p / "metrics.jsonl").read_text() for p in finished}

@@ -15,6 +15,7 @@ multi-worker trial's workers, so the cap is computed here from what one trial ho
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import secrets
 import time
@@ -274,6 +275,22 @@ def _tuner(first: Config, s: TuneSettings, experiment_dir: str, points: list[dic
     )
 
 
+def _drop_restore_hint(record: logging.LogRecord) -> bool:
+    return "Tuner.restore(" not in record.getMessage()
+
+
+def fit(tuner: Any) -> None:
+    """Run the search. On Ctrl-C / SIGINT Tune stops the trials, saves its state and returns; its
+    hint to resume with `Tuner.restore(...)` is dropped: a raygpt search resumes with
+    `raygpt tune --resume`, which the CLI says after the analysis of what finished."""
+    tune_log = logging.getLogger("ray.tune.tune")
+    tune_log.addFilter(_drop_restore_hint)
+    try:
+        tuner.fit()
+    finally:
+        tune_log.removeFilter(_drop_restore_hint)
+
+
 def _experiment_name(settings: TuneSettings) -> str:
     return settings.name or f"tune-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
@@ -365,8 +382,26 @@ def run_search(search: Search, *, address: str | None = None, log=print, check_o
     log(f"experiment {name}: {num_trials} trials x {first.run.num_workers} workers ({runner}); {why}")
     log(f"  ASHA on {s.metric} by {s.time_attr} (grace {s.grace_period}, reduction {s.reduction_factor:g}, "
         f"max_t {max_t}); retries per trial: {s.max_failures}" if s.early_stopping else "  no early stopping")
-    tuner.fit()
+    fit(tuner)
     return experiment_dir
+
+
+def resumable(experiment_dir: str, saved: dict[str, Any] | None = None) -> bool:
+    """Whether `resume_search` can continue the search: a grid search with its launch order saved
+    (an Optuna searcher's state exists only as a pickle)."""
+    saved = saved or read_search_file(experiment_dir)
+    launch = saved.get("launch")
+    return saved["tune"].get("search_alg") != "optuna" and isinstance(launch, dict) and isinstance(
+        launch.get("order"), list)
+
+
+def trials_ended(experiment_dir: str) -> tuple[int, int]:
+    """(trials that ended, trials the search launches): fewer ended when the search was interrupted
+    (Tune catches Ctrl-C / SIGINT, stops the trials, saves its state and returns as if done)."""
+    launch = read_search_file(experiment_dir).get("launch")
+    ended = sum(t.status in ("TERMINATED", "ERROR") for t in read_trials(experiment_dir))
+    total = launch.get("trials") if isinstance(launch, dict) else None
+    return ended, total if isinstance(total, int) else ended
 
 
 def resume_search(experiment_dir: str, *, address: str | None = None, log=print) -> str:
@@ -387,7 +422,7 @@ def resume_search(experiment_dir: str, *, address: str | None = None, log=print)
     settings = settings_from_dict(saved["tune"], search_base(saved))
     launch = saved.get("launch")
     order = launch.get("order") if isinstance(launch, dict) else None
-    if settings.search_alg == "optuna" or not isinstance(order, list):
+    if not resumable(experiment_dir, saved):
         raise UserError(f"{experiment_dir} is an Optuna search (or has no launch order): it cannot resume without "
                         "unpickling its searcher's state; start a new search")
     status = {t.run: t.status for t in read_trials(experiment_dir)}
@@ -403,6 +438,6 @@ def resume_search(experiment_dir: str, *, address: str | None = None, log=print)
     trackers.check_installed(first.run.loggers)  # the loggers' packages, here rather than in every trial
     start_ray(address)
     cap = min(int(launch.get("max_concurrent_trials") or 1), len(points))
-    _tuner(first, settings, experiment_dir, points, None, len(points), int(launch["max_t"]), cap).fit()
+    fit(_tuner(first, settings, experiment_dir, points, None, len(points), int(launch["max_t"]), cap))
     return experiment_dir
 
