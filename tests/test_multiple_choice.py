@@ -185,84 +185,101 @@ LM_EVAL = """
 import json, sys
 from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
-hf, include, task, extra = sys.argv[1:5]
-res = simple_evaluate(model="hf", model_args=f"pretrained={hf},dtype=float32{extra}", tasks=[task], batch_size=4,
-                      device="cpu", task_manager=TaskManager(include_path=include), log_samples=True)
-samples = sorted(res["samples"][task], key=lambda s: s["doc_id"])
-print(json.dumps({"acc": res["results"][task]["acc,none"], "acc_norm": res["results"][task]["acc_norm,none"],
-                  "lls": [[r[0] for r in s["filtered_resps"]] for s in samples]}))
+hf, include, tasks = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+out = {}
+for task, extra in tasks.items():
+    res = simple_evaluate(model="hf", model_args=f"pretrained={hf},dtype=float32{extra}", tasks=[task], batch_size=4,
+                          device="cpu", task_manager=TaskManager(include_path=include), log_samples=True)
+    samples = sorted(res["samples"][task], key=lambda s: s["doc_id"])
+    out[task] = {"acc": res["results"][task]["acc,none"], "acc_norm": res["results"][task]["acc_norm,none"],
+                 "lls": [[r[0] for r in s["filtered_resps"]] for s in samples]}
+print(json.dumps(out))
+"""
+
+TASK_CONFIG = """
+    task: {name}
+    dataset_path: json
+    dataset_kwargs:
+      data_files:
+        validation: {data}
+      cache_dir: {cache}
+    output_type: multiple_choice
+    validation_split: validation
+    metric_list:
+      - metric: acc
+      - metric: acc_norm
+"""
+HELLASWAG_FIELDS = """
+    process_docs: !function utils.process_docs
+    doc_to_text: "{{query}}"
+    doc_to_target: "{{label}}"
+    doc_to_choice: "choices"
+"""
+GENERIC_FIELDS = """
+    doc_to_text: "{{context}}"
+    doc_to_target: label
+    doc_to_choice: choices
 """
 
 
-def lm_eval_scores(hf_dir: Path, data: Path, task: str, tmp: Path, model_args: str = "") -> dict:
-    """lm-evaluation-harness's HF backend on an exported folder, over a local task config of the
-    same jsonl (offline: the `json` dataset builder; HellaSwag with the harness's own utils.py)."""
+def lm_eval_scores(hf_dir: Path, data: dict[str, Path], tmp: Path, model_args: dict[str, str]) -> dict:
+    """lm-evaluation-harness's HF backend on an exported folder, over a local task config per jsonl
+    (offline: the `json` dataset builder; HellaSwag with the harness's own utils.py), every task in
+    one process (the harness's imports take most of its time)."""
     import lm_eval
 
-    include = tmp / f"tasks-{task}"
+    include = tmp / "lm-eval-tasks"
     include.mkdir()
-    name = f"raygpt_{task}"
-    common = f"""
-        task: {name}
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            validation: {data}
-          cache_dir: {tmp / 'hf-datasets'}
-        output_type: multiple_choice
-        validation_split: validation
-        metric_list:
-          - metric: acc
-          - metric: acc_norm
-    """
-    if task == "hellaswag":
-        utils = Path(lm_eval.__file__).parent / "tasks" / "hellaswag" / "utils.py"
-        (include / "utils.py").write_text(utils.read_text())
-        body = """
-        process_docs: !function utils.process_docs
-        doc_to_text: "{{query}}"
-        doc_to_target: "{{label}}"
-        doc_to_choice: "choices"
-        """
-    else:
-        body = """
-        doc_to_text: "{{context}}"
-        doc_to_target: label
-        doc_to_choice: choices
-        """
-    (include / f"{name}.yaml").write_text(textwrap.dedent(common) + textwrap.dedent(body))
+    (include / "utils.py").write_text((Path(lm_eval.__file__).parent / "tasks" / "hellaswag" / "utils.py").read_text())
+    for task, path in data.items():
+        fields = HELLASWAG_FIELDS if task == "hellaswag" else GENERIC_FIELDS
+        config = TASK_CONFIG.format(name=f"raygpt_{task}", data=path, cache=tmp / "hf-datasets") + fields
+        (include / f"raygpt_{task}.yaml").write_text(textwrap.dedent(config))
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf-home"),
            "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-c", LM_EVAL, str(hf_dir), str(include), name, model_args],
+    tasks = json.dumps({f"raygpt_{task}": model_args.get(task, "") for task in data})
+    proc = subprocess.run([sys.executable, "-c", LM_EVAL, str(hf_dir), str(include), tasks],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {task.removeprefix("raygpt_"): r for task, r in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
+
+
+def parity_items() -> dict[str, list[dict]]:
+    """HellaSwag's schema rows (truncated on the left into the 32-token window), and the second
+    kind of text: prose the model never saw."""
+    from helpers import prose_documents
+
+    return {"hellaswag": HELLASWAG_ROWS + [{**r, "label": (int(r["label"]) + 1) % 4} for r in HELLASWAG_ROWS],
+            "multiple_choice": [{"context": i.context[-300:], "choices": list(i.choices), "label": i.label}
+                                for i in own_text_items("".join(d[:400] for d in prose_documents()[:6]),
+                                                        seed=3)[:24]]}
+
+
+@pytest.fixture(scope="module")
+def lm_eval_parity(trained_run):
+    """The parity items' files, and lm-eval's scores of the exported model on them. HellaSwag with
+    the harness's defaults. The generic items turn off its logits cache: in lm-eval 0.4.13 a
+    one-token continuation grouped with a longer one over the same input tokens (here
+    'The "assert"' + ' statement' beside 'The' + ' "assert" statement') is read at the group's first
+    continuation position instead of its own; uncached, the harness agrees with a plain forward
+    pass, as raygpt does."""
+    pytest.importorskip("lm_eval")
+    data = {}
+    for task, rows in parity_items().items():
+        data[task] = trained_run / f"parity-{task}.jsonl"
+        data[task].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data, lm_eval_scores(trained_run / "hf", data, trained_run, {"multiple_choice": ",logits_cache=False"})
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["hellaswag", "multiple_choice"])
-def test_raygpt_eval_and_lm_eval_agree_exactly_on_an_exported_model(trained_run, tmp_path, task):
-    pytest.importorskip("lm_eval")
-    from helpers import prose_documents
-
+def test_raygpt_eval_and_lm_eval_agree_exactly_on_an_exported_model(trained_run, lm_eval_parity, task):
     from raygpt.generate import load_model
 
-    data = tmp_path / f"{task}.jsonl"
-    if task == "hellaswag":  # the schema's rows, truncated on the left into the 32-token window
-        rows = HELLASWAG_ROWS + [{**r, "label": (int(r["label"]) + 1) % 4} for r in HELLASWAG_ROWS]
-    else:  # the second kind of text: prose the model never saw
-        rows = [{"context": i.context[-300:], "choices": list(i.choices), "label": i.label}
-                for i in own_text_items("".join(d[:400] for d in prose_documents()[:6]), seed=3)[:24]]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    # HellaSwag with the harness's defaults. The generic items turn off its logits cache: in lm-eval
-    # 0.4.13 a one-token continuation grouped with a longer one over the same input tokens (here
-    # 'The "assert"' + ' statement' beside 'The' + ' "assert" statement') is read at the group's
-    # first continuation position instead of its own; uncached, the harness agrees with a plain
-    # forward pass, as raygpt does.
-    theirs = lm_eval_scores(trained_run / "hf", data, task, tmp_path,
-                            "" if task == "hellaswag" else ",logits_cache=False")
+    data, results = lm_eval_parity
+    theirs = results[task]
     model, _ = load_model(str(trained_run / "run"))
-    items = read_items(str(data), task)
+    items = read_items(str(data[task]), task)
     requests = [r for item in items for r in item_requests(item, 32)]
     ours = loglikelihoods(model, requests, 32, torch.device("cpu"), batch_size=5)
     assert [ll for lls in theirs["lls"] for ll in lls] == pytest.approx(ours, abs=1e-3)
