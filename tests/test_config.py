@@ -26,7 +26,7 @@ def test_default_job_config_loads():
 
 
 def _is_training_config(path: Path) -> bool:
-    """Search files (a `search:` section; tests/test_search.py loads them) and the job runtime env
+    """Search files (a `search:` section; tests/test_spec.py loads them) and the job runtime env
     are not training configs."""
     text = path.read_text()
     return path.name != "runtime_env.yaml" and not re.search(r"^search:", text, re.M)

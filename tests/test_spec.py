@@ -231,3 +231,16 @@ def test_cli_refuses_a_tune_setting_that_is_not_yaml_in_one_line(run_cli, data_d
     cfg.write_text(yaml.safe_dump(search_raw(data_dir, tmp_path / "runs")))
     err = one_line_error(run_cli, "tune", "--config", str(cfg), "--set", setting)
     assert said in err
+
+
+@pytest.mark.parametrize("parametrization", ["mup", "standard"])
+def test_the_mup_transfer_search_is_the_benchmarks_grid(parametrization):
+    # widths 64-512 x 7 powers of 2 of the lr, the same tokens per trial, both parametrizations
+    trials, rejected = expand(load_search(str(JOBS / "mup-transfer.yaml"),
+                                          [f"model.parametrization={parametrization}"]))
+    assert not rejected and len(trials) == 28
+    widths = sorted({t.config.model.embedding_dim for t in trials})
+    lrs = sorted({t.config.optim.peak_lr for t in trials})
+    assert widths == [64, 128, 256, 512] and lrs == [2.0 ** k for k in range(-12, -5)]
+    assert {(t.config.model.parametrization, t.config.model.num_layers, t.config.model.context_len,
+             t.total_steps * t.config.train.batch_size) for t in trials} == {(parametrization, 4, 128, 640)}
