@@ -88,8 +88,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     bm.add_argument("--out", default="mup_coord", help="folder for mup_coord.png (default mup_coord)")
     bm.set_defaults(func=_run_bench_mup_coord)
     bx = what.add_parser("mup-transfer", help="µP's learning-rate transfer: best lr per width from width x lr "
-                         "searches (jobs/mup-transfer.yaml), one per parametrization")
-    bx.add_argument("experiments", nargs="+", help="experiment folders of `raygpt tune` (a path or URI)")
+                         "searches (jobs/mup-transfer.yaml); searches of one parametrization are pooled")
+    bx.add_argument("experiments", nargs="+", help="experiment folders of `raygpt tune` (a path or URI); a grid "
+                    "point run more than once (train.seed searched, or in several searches) counts as its mean")
     bx.add_argument("--base-width", type=int, default=128, help="the width the lr is chosen at (default 128)")
     bx.add_argument("--out", default="mup_transfer", help="folder for mup_transfer.png (default mup_transfer)")
     bx.set_defaults(func=_run_bench_mup_transfer)

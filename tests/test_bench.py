@@ -181,3 +181,20 @@ def test_the_transfer_summary_finds_each_widths_best_lr_and_the_cost_of_transfer
     assert "4.1000*" in text and "(+1.00%)" in text and "spread over widths: 1 grid step(s)" in text
     plot({"standard": table, "mup": table}, str(tmp_path / "t.png"))
     assert (tmp_path / "t.png").stat().st_size > 10_000
+
+
+def test_repeated_runs_of_a_grid_point_count_as_their_mean_and_their_number_is_shown():
+    from raygpt.bench.mup_transfer import bench_mup_transfer, format_table, mean_losses, summarize
+    from raygpt.errors import UserError
+
+    runs = {64: {2**-9: [4.3, 4.1], 2**-8: [4.15]}, 128: {2**-9: [4.0, 4.2, 4.4], 2**-8: [4.1]}}
+    table = mean_losses(runs)
+    assert table[64][2**-9] == pytest.approx(4.2) and table[128][2**-9] == pytest.approx(4.2)
+    s = summarize(table, base_width=64)
+    assert s["best_lr"] == {"64": 2**-8, "128": 2**-8}  # 4.1 once beats 4.2 as a mean of three
+    text = format_table("mup", table, s, {w: {lr: len(v) for lr, v in lrs.items()} for w, lrs in runs.items()})
+    assert "final val loss (mean over runs)" in text and "runs per grid point (seeds)" in text
+    assert text.splitlines()[-3].split() == ["128", "3", "1"]
+    assert "mean over runs" not in format_table("mup", table, s, {w: {lr: 1 for lr in lrs} for w, lrs in runs.items()})
+    with pytest.raises(UserError, match="an experiment is given twice"):
+        bench_mup_transfer(["runs/a", "runs/a"])

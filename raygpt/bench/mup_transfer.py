@@ -6,8 +6,9 @@ per trial and no early stopping. For each parametrization this reads every finis
 val loss and prints, per width, the best grid lr; then how far apart (in grid steps) the widths'
 best lrs are, and what the lr chosen at the base width costs at the largest width against that
 width's own best. Under µP the best lr should stay put as the model widens; under the standard
-parametrization it moves. Writes val loss vs lr per width, side by side (mup_transfer.png), and
-the figures as JSON.
+parametrization it moves. Several searches of one parametrization are pooled, and a search may
+vary train.seed too: a grid point's loss is then the mean of its runs. Writes val loss vs lr per
+width, side by side (mup_transfer.png), and the figures as JSON.
 """
 
 from __future__ import annotations
@@ -19,27 +20,37 @@ from typing import Any
 
 from raygpt.errors import UserError
 
-WIDTH, LR = "model.embedding_dim", "optim.peak_lr"
+WIDTH, LR, SEED = "model.embedding_dim", "optim.peak_lr", "train.seed"
 
 
-def final_losses(experiment: str) -> tuple[str, dict[int, dict[float, float]]]:
-    """(the search's parametrization, width -> lr -> final val loss) of the trials that ran to
-    their end; the others are left out (a diverged or unfinished trial has no final loss)."""
+def final_losses(experiment: str) -> tuple[str, dict[int, dict[float, list[float]]], int]:
+    """(the search's parametrization, width -> lr -> the final val loss of each run, the steps of a
+    run) for the trials that ran to their end; the others are left out (a diverged or unfinished
+    trial has no final loss). A search may also vary train.seed: repeats of a grid point."""
     from raygpt.runs import read_search_file
     from raygpt.search.analysis import analyze
 
     analysis = analyze(experiment)
-    if set(analysis.varied) != {WIDTH, LR}:
-        raise UserError(f"{experiment}: a transfer search varies {WIDTH} and {LR}, this one "
+    if not {WIDTH, LR} <= set(analysis.varied) <= {WIDTH, LR, SEED}:
+        raise UserError(f"{experiment}: a transfer search varies {WIDTH} and {LR} (and optionally {SEED}), this one "
                         f"{', '.join(analysis.varied)}")
     base = read_search_file(experiment)
     parametrization = (base.get("model") or {}).get("parametrization", "standard")
-    table: dict[int, dict[float, float]] = {}
+    table: dict[int, dict[float, list[float]]] = {}
+    steps = {row["total_steps"] for row in analysis.rows}
+    if len(steps) > 1:
+        raise UserError(f"{experiment}: its trials run different numbers of steps ({sorted(steps)}); a transfer "
+                        "search gives every trial the same tokens")
     for row in analysis.rows:
         if row["last_val_loss"] is not None and row["steps"] == row["total_steps"] and math.isfinite(
                 row["last_val_loss"]):
-            table.setdefault(int(row[WIDTH]), {})[float(row[LR])] = float(row["last_val_loss"])
-    return parametrization, table
+            table.setdefault(int(row[WIDTH]), {}).setdefault(float(row[LR]), []).append(float(row["last_val_loss"]))
+    return parametrization, table, steps.pop() if steps else 0
+
+
+def mean_losses(runs: dict[int, dict[float, list[float]]]) -> dict[int, dict[float, float]]:
+    """width -> lr -> the mean final val loss over a grid point's runs (its seeds)."""
+    return {w: {lr: sum(v) / len(v) for lr, v in lrs.items()} for w, lrs in runs.items()}
 
 
 def summarize(table: dict[int, dict[float, float]], base_width: int) -> dict[str, Any]:
@@ -59,15 +70,23 @@ def summarize(table: dict[int, dict[float, float]], base_width: int) -> dict[str
     return out
 
 
-def format_table(parametrization: str, table: dict[int, dict[float, float]], summary: dict[str, Any]) -> str:
+def format_table(parametrization: str, table: dict[int, dict[float, float]], summary: dict[str, Any],
+                 runs: dict[int, dict[float, int]] | None = None) -> str:
+    """The width x lr table; where grid points had more than one run (seeds), the loss is their
+    mean and a second table gives the number of runs."""
     lrs = sorted({lr for row in table.values() for lr in row})
-    lines = [f"{parametrization}: final val loss per width (rows) and peak lr (columns; * the width's best)",
-             "width  " + "  ".join(f"{'2^' + str(round(math.log2(lr))):>8}" for lr in lrs)]
+    header = "width  " + "  ".join(f"{'2^' + str(round(math.log2(lr))):>8}" for lr in lrs)
+    repeated = runs is not None and any(n > 1 for row in runs.values() for n in row.values())
+    lines = [f"{parametrization}: final val loss{' (mean over runs)' if repeated else ''} per width (rows) and "
+             "peak lr (columns; * the width's best)", header]
     for width in sorted(table):
         row = table[width]
         cells = [(f"{row[lr]:.4f}" + ("*" if summary["best_lr"].get(str(width)) == lr else " ")) if lr in row
                  else "       -" for lr in lrs]
         lines.append(f"{width:>5}  " + "  ".join(f"{c:>8}" for c in cells))
+    if repeated:
+        lines += [f"{parametrization}: runs per grid point (seeds)", header]
+        lines += [f"{width:>5}  " + "  ".join(f"{runs[width].get(lr, 0):>8}" for lr in lrs) for width in sorted(runs)]
     lines.append(f"best lr spread over widths: {summary['spread_grid_steps']} grid step(s)")
     t = summary.get("transfer")
     if t:
@@ -100,21 +119,32 @@ def plot(results: dict[str, dict[int, dict[float, float]]], path: str) -> None:
 
 
 def bench_mup_transfer(experiments: list[str], base_width: int = 128, out: str = "mup_transfer") -> dict[str, Any]:
-    results: dict[str, dict[int, dict[float, float]]] = {}
+    """Searches of the same parametrization (e.g. a grid, then more seeds of some of its points)
+    are pooled: each grid point's loss is the mean of its runs."""
+    if len(set(experiments)) < len(experiments):
+        raise UserError("an experiment is given twice: its runs would count twice")
+    pooled: dict[str, dict[int, dict[float, list[float]]]] = {}
+    steps: dict[str, int] = {}
     for experiment in experiments:
-        parametrization, table = final_losses(experiment)
-        if parametrization in results:
-            raise UserError(f"two searches of parametrization {parametrization}: give one per parametrization")
-        if not table:
+        parametrization, runs, total_steps = final_losses(experiment)
+        if not runs:
             raise UserError(f"{experiment}: no trial ran to its end")
-        results[parametrization] = table
+        if steps.setdefault(parametrization, total_steps) != total_steps:
+            raise UserError(f"{experiment}: its trials run {total_steps} steps, another {parametrization} search's "
+                            f"{steps[parametrization]}; pool only searches of the same length")
+        for width, lrs in runs.items():
+            for lr, losses in lrs.items():
+                pooled.setdefault(parametrization, {}).setdefault(width, {}).setdefault(lr, []).extend(losses)
+    results = {p: mean_losses(runs) for p, runs in pooled.items()}
+    counts = {p: {w: {lr: len(v) for lr, v in lrs.items()} for w, lrs in runs.items()} for p, runs in pooled.items()}
     summaries = {p: summarize(t, base_width) for p, t in results.items()}
     for p, table in results.items():
-        print(format_table(p, table, summaries[p]))
+        print(format_table(p, table, summaries[p], counts[p]))
     os.makedirs(out, exist_ok=True)
     plot(results, os.path.join(out, "mup_transfer.png"))
     record = {"bench": "mup-transfer", "experiments": experiments, "base_width": base_width,
               "results": {p: {"table": {str(w): {repr(lr): v for lr, v in row.items()} for w, row in t.items()},
+                              "runs": {str(w): {repr(lr): n for lr, n in row.items()} for w, row in counts[p].items()},
                               **summaries[p]} for p, t in results.items()}}
     with open(os.path.join(out, "mup_transfer.json"), "w") as f:
         json.dump(record, f, indent=1)
