@@ -244,3 +244,15 @@ def test_the_mup_transfer_search_is_the_benchmarks_grid(parametrization):
     assert widths == [64, 128, 256, 512] and lrs == [2.0 ** k for k in range(-12, -5)]
     assert {(t.config.model.parametrization, t.config.model.num_layers, t.config.model.context_len,
              t.total_steps * t.config.train.batch_size) for t in trials} == {(parametrization, 4, 128, 640)}
+
+
+def test_the_seed_search_is_the_transfer_search_at_other_seeds():
+    # pooled with jobs/mup-transfer.yaml by `raygpt bench mup-transfer`: only the grid may differ
+    main, seeds = (yaml.safe_load((JOBS / f"mup-transfer{end}.yaml").read_text()) for end in ("", "-seeds"))
+    assert {k: v for k, v in main.items() if k not in ("search", "tune")} == \
+        {k: v for k, v in seeds.items() if k not in ("search", "tune")}
+    assert {**main["tune"], "name": None} == {**seeds["tune"], "name": None}
+    trials, rejected = expand(load_search(str(JOBS / "mup-transfer-seeds.yaml"), []))
+    assert not rejected and len(trials) == 16
+    assert main["train"]["seed"] not in {t.config.train.seed for t in trials}
+    assert {t.config.optim.peak_lr for t in trials} <= set(main["search"]["optim.peak_lr"]["grid"])
