@@ -234,10 +234,10 @@ def test_cli_refuses_a_tune_setting_that_is_not_yaml_in_one_line(run_cli, data_d
 
 
 @pytest.mark.parametrize("parametrization", ["mup", "standard"])
-def test_the_mup_transfer_search_is_the_benchmarks_grid(parametrization):
+def test_the_mup_transfer_search_is_the_benchmarks_grid(parametrization, data_dir):
     # widths 64-512 x 7 powers of 2 of the lr, the same tokens per trial, both parametrizations
     trials, rejected = expand(load_search(str(JOBS / "mup-transfer.yaml"),
-                                          [f"model.parametrization={parametrization}"]))
+                                          [f"model.parametrization={parametrization}", f"data.dir={data_dir}"]))
     assert not rejected and len(trials) == 28
     widths = sorted({t.config.model.embedding_dim for t in trials})
     lrs = sorted({t.config.optim.peak_lr for t in trials})
@@ -246,13 +246,13 @@ def test_the_mup_transfer_search_is_the_benchmarks_grid(parametrization):
              t.total_steps * t.config.train.batch_size) for t in trials} == {(parametrization, 4, 128, 640)}
 
 
-def test_the_seed_search_is_the_transfer_search_at_other_seeds():
+def test_the_seed_search_is_the_transfer_search_at_other_seeds(data_dir):
     # pooled with jobs/mup-transfer.yaml by `raygpt bench mup-transfer`: only the grid may differ
     main, seeds = (yaml.safe_load((JOBS / f"mup-transfer{end}.yaml").read_text()) for end in ("", "-seeds"))
     assert {k: v for k, v in main.items() if k not in ("search", "tune")} == \
         {k: v for k, v in seeds.items() if k not in ("search", "tune")}
     assert {**main["tune"], "name": None} == {**seeds["tune"], "name": None}
-    trials, rejected = expand(load_search(str(JOBS / "mup-transfer-seeds.yaml"), []))
+    trials, rejected = expand(load_search(str(JOBS / "mup-transfer-seeds.yaml"), [f"data.dir={data_dir}"]))
     assert not rejected and len(trials) == 16
     assert main["train"]["seed"] not in {t.config.train.seed for t in trials}
     assert {t.config.optim.peak_lr for t in trials} <= set(main["search"]["optim.peak_lr"]["grid"])
