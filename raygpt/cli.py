@@ -218,7 +218,7 @@ def _run_tune(args: argparse.Namespace) -> None:
     from raygpt.data.shards import has_manifest
     from raygpt.search.analysis import report_search
     from raygpt.search.spec import load_search
-    from raygpt.search.tune import resumable, resume_search, run_search, trials_ended
+    from raygpt.search.tune import interruption, resume_search, run_search
 
     if args.resume:
         experiment = resume_search(args.resume, address=args.address)
@@ -234,12 +234,9 @@ def _run_tune(args: argparse.Namespace) -> None:
             return
         experiment = run_search(search, address=args.address)
     analysis = report_search(experiment)
-    ended, total = trials_ended(experiment)
-    if ended < total:  # Tune caught a Ctrl-C / SIGINT, stopped the trials and saved the search's state
-        unfinished = f"search interrupted with {total - ended} of {total} trials unfinished"
-        raise Interrupted(f"{unfinished}; continue it with `raygpt tune --resume {experiment}`" if resumable(experiment)
-                          else f"{unfinished}; an Optuna search cannot resume (its searcher's state exists only as "
-                          "a pickle): start a new search")
+    interrupted = interruption(experiment, analysis.rows)
+    if interrupted:
+        raise Interrupted(interrupted)
     if analysis.failed:
         raise TrainingFailed(f"search failed: {len(analysis.errors)} of {len(analysis.rows)} trials ended in ERROR "
                              f"(causes above; experiment: {experiment})")

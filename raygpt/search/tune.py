@@ -395,13 +395,21 @@ def resumable(experiment_dir: str, saved: dict[str, Any] | None = None) -> bool:
         launch.get("order"), list)
 
 
-def trials_ended(experiment_dir: str) -> tuple[int, int]:
-    """(trials that ended, trials the search launches): fewer ended when the search was interrupted
-    (Tune catches Ctrl-C / SIGINT, stops the trials, saves its state and returns as if done)."""
-    launch = read_search_file(experiment_dir).get("launch")
-    ended = sum(t.status in ("TERMINATED", "ERROR") for t in read_trials(experiment_dir))
+def interruption(experiment_dir: str, rows: list[dict[str, Any]]) -> str | None:
+    """What to say when the search was interrupted (Tune catches Ctrl-C / SIGINT, stops the trials,
+    saves its state and returns as if done): fewer of its trials (the analysis `rows`) ended than it
+    launches; None when every trial ended."""
+    saved = read_search_file(experiment_dir)
+    launch = saved.get("launch")
+    ended = sum(r["status"] in ("TERMINATED", "ERROR") for r in rows)
     total = launch.get("trials") if isinstance(launch, dict) else None
-    return ended, total if isinstance(total, int) else ended
+    if not isinstance(total, int) or ended >= total:
+        return None
+    unfinished = f"search interrupted with {total - ended} of {total} trials unfinished"
+    if resumable(experiment_dir, saved):
+        return f"{unfinished}; continue it with `raygpt tune --resume {experiment_dir}`"
+    return (f"{unfinished}; an Optuna search cannot resume (its searcher's state exists only as a pickle): "
+            "start a new search")
 
 
 def resume_search(experiment_dir: str, *, address: str | None = None, log=print) -> str:
